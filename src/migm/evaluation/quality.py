@@ -1,0 +1,48 @@
+"""Sample quality: FID against the test split in a pluggable feature space, and class accuracy.
+
+torchmetrics' FrechetInceptionDistance does the statistics (and their DDP synchronisation); the
+real-image side is computed once per evaluator and kept across `reset()`, so scoring many
+configurations costs one pass over the references.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from migm.models.classifier import FashionClassifier
+
+
+class QualityMetrics(nn.Module):
+    def __init__(self, feature: nn.Module, classifier: FashionClassifier | None = None) -> None:
+        super().__init__()
+        self.feature_name = getattr(feature, "name", "fid")
+        self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True)
+        self.classifier = classifier
+        self.correct = 0
+        self.seen = 0
+
+    @torch.no_grad()
+    def add_real(self, images: torch.Tensor, batch_size: int = 500) -> None:
+        """Reference images, float (n, 1, H, W) in [-1, 1]."""
+        for chunk in images.split(batch_size):
+            self.fid.update(chunk, real=True)
+
+    @torch.no_grad()
+    def add_fake(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        self.fid.update(images, real=False)
+        if self.classifier is not None and labels is not None:
+            self.correct += int((self.classifier(images).argmax(-1) == labels).sum())
+            self.seen += len(labels)
+
+    def compute(self) -> dict[str, float]:
+        out = {self.feature_name: float(self.fid.compute())}
+        if self.seen:
+            out["class_accuracy"] = self.correct / self.seen
+        return out
+
+    def reset(self) -> None:
+        """Forget generated samples; keep the reference statistics."""
+        self.fid.reset()
+        self.correct = self.seen = 0

@@ -1,0 +1,101 @@
+"""The embedded default MIGM: VQ tokenizer + masked transformer, behind the base-model protocol.
+
+This adapter is what the generation loop, the trajectory recorder and the accelerators see; the
+two networks it wraps know nothing of each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from migm.models.assets import ASSET_DIR, load_checkpoint
+from migm.models.tokenizer import TokenizerConfig, VQTokenizer
+from migm.models.transformer import MaskedTransformer, TransformerConfig
+
+
+def load_tokenizer(name_or_path: str | Path = "tokenizer.pt", asset_dir: Path = ASSET_DIR) -> VQTokenizer:
+    blob = load_checkpoint(name_or_path, "tokenizer", asset_dir)
+    tokenizer = VQTokenizer(TokenizerConfig(**blob["config"]))
+    tokenizer.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    return tokenizer.eval().requires_grad_(False)
+
+
+def load_transformer(name_or_path: str | Path = "base.pt", asset_dir: Path = ASSET_DIR) -> MaskedTransformer:
+    blob = load_checkpoint(name_or_path, "base", asset_dir)
+    model = MaskedTransformer(TransformerConfig(**blob["config"]))
+    model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    return model.eval().requires_grad_(False)
+
+
+class TinyMIGM(nn.Module):
+    """Class-conditional MIGM over 7x7 VQ tokens of 28x28 Fashion-MNIST images."""
+
+    def __init__(self, transformer: MaskedTransformer, tokenizer: VQTokenizer) -> None:
+        super().__init__()
+        if transformer.config.vocab_size != tokenizer.config.codebook_size:
+            raise ValueError(f"transformer vocab_size {transformer.config.vocab_size} != tokenizer "
+                             f"codebook_size {tokenizer.config.codebook_size}")
+        if transformer.config.num_tokens != tokenizer.num_tokens:
+            raise ValueError(f"transformer num_tokens {transformer.config.num_tokens} != tokenizer "
+                             f"grid {tokenizer.num_tokens}")
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_assets(cls, base: str | Path = "base.pt", tokenizer: str | Path = "tokenizer.pt",
+                    asset_dir: str | Path = ASSET_DIR) -> "TinyMIGM":
+        return cls(load_transformer(base, Path(asset_dir)), load_tokenizer(tokenizer, Path(asset_dir)))
+
+    # --- geometry -------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.transformer.config.num_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.transformer.config.vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.transformer.config.mask_id
+
+    @property
+    def feature_dim(self) -> int:
+        return self.transformer.config.width
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_classes
+
+    # --- conditions -----------------------------------------------------------------------------
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional branch of CFG: the null class, same batch shape."""
+        return torch.full_like(cond, self.num_classes)
+
+    def check_condition(self, cond: torch.Tensor) -> None:
+        if cond.dtype != torch.long or cond.ndim != 1:
+            raise ValueError(f"cond must be int64 class ids of shape (B,), got {cond.dtype} {tuple(cond.shape)}")
+        if len(cond) and (cond.min() < 0 or cond.max() >= self.num_classes):
+            raise ValueError(f"class id out of range: cond must lie in [0, {self.num_classes}), "
+                             f"got [{int(cond.min())}, {int(cond.max())}]")
+
+    # --- the protocol the loop and the accelerators use -----------------------------------------
+    def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) with mask ids, cond (B,) -> last-layer features (B, L, D)."""
+        return self.transformer.features(tokens, cond)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.transformer.head(features)
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.tok_emb
+
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.blocks
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) -> images (B, 1, 28, 28) in [-1, 1]."""
+        return self.tokenizer.decode(tokens)

@@ -1,0 +1,107 @@
+"""The one generation loop. Every method (vanilla, shortcut, caches) is a feature source.
+
+At step i = 1..N the loop asks its source for f_i, the last-layer features of x_{i-1} for every
+CFG branch; the base head turns them into logits, guidance mixes the branches, the sampler fills
+the scheduled number of masked positions, and observers see the step. Sources differ only in
+how f_i is obtained, so speed and quality comparisons run on exactly the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from migm.sampling.sampler import SamplerConfig, guide, sample_step
+from migm.sampling.schedule import masked_counts
+
+
+@dataclass
+class StepContext:
+    """What a feature source may use at step i. Rows are stacked [cond; uncond] when CFG is on."""
+
+    step: int                            # i, 1-based
+    steps: int                           # N
+    t: float                             # t_{i-1} = (i-1)/N: time of the grid the features describe
+    mask_ratio: float                    # fraction of positions still masked in x_{i-1}
+    tokens: torch.Tensor                 # x_{i-1}, (branches*B, L)
+    cond: torch.Tensor                   # (branches*B,), null condition in the second half
+    prev_features: torch.Tensor | None   # f_{i-1}, (branches*B, L, D); None at step 1
+    revealed: torch.Tensor | None        # positions decoded at step i-1, (branches*B, L) bool
+
+
+class FeatureSource(Protocol):
+    def reset(self) -> None:
+        """Forget per-trajectory state before a new batch is generated."""
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        """Return f_i, (branches*B, L, D)."""
+
+
+class Observer(Protocol):
+    def on_step(self, ctx: StepContext, features: torch.Tensor, new_tokens: torch.Tensor,
+                revealed: torch.Tensor) -> None:
+        """Called after step i with f_i, x_i (B, L) and the positions filled at step i (B, L)."""
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor                 # x_N, (B, L): no mask left
+    decode_step: torch.Tensor            # (B, L) int: step 1..N at which each position was filled
+    counts: dict[str, int] = field(default_factory=dict)  # calls made, as reported by the source
+
+
+class VanillaSource:
+    """The base model at every step: the reference every accelerator is measured against."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.base_calls = 0
+
+    def reset(self) -> None:
+        self.base_calls = 0
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        self.base_calls += 1
+        return self.model.features(ctx.tokens, ctx.cond)
+
+    def counts(self) -> dict[str, int]:
+        return {"base_calls": self.base_calls, "shortcut_calls": 0}
+
+
+@torch.no_grad()
+def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
+             schedule: str = "arccos", sampler: SamplerConfig | None = None, seed: int = 0,
+             observers: Sequence[Observer] = ()) -> GenerationResult:
+    """Generate token grids for conditions `cond` (B,) in `steps` steps.
+
+    Deterministic given `seed`: all randomness comes from one generator, consumed identically by
+    every source, so two methods run with one seed differ only through their features.
+    """
+    sampler = sampler or SamplerConfig()
+    model.check_condition(cond)
+    B, Lt, mask_id = cond.shape[0], model.num_tokens, model.mask_id
+    counts = masked_counts(Lt, steps, schedule)
+    device = cond.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stacked_cond = cond if sampler.branches == 1 else torch.cat([cond, model.null_condition(cond)])
+
+    tokens = torch.full((B, Lt), mask_id, dtype=torch.long, device=device)
+    decode_step = torch.zeros((B, Lt), dtype=torch.long, device=device)
+    features, revealed = None, None
+    source.reset()
+    for i in range(1, steps + 1):
+        stack = (lambda x: x) if sampler.branches == 1 else (lambda x: torch.cat([x, x]))
+        ctx = StepContext(step=i, steps=steps, t=(i - 1) / steps, mask_ratio=counts[i - 1] / Lt,
+                          tokens=stack(tokens), cond=stacked_cond, prev_features=features,
+                          revealed=None if revealed is None else stack(revealed))
+        features = source(ctx)                                              # (branches*B, L, D)
+        logits = guide(model.head(features), sampler.cfg_weight)            # (B, L, K)
+        tokens, revealed = sample_step(logits, tokens, mask_id, counts[i - 1] - counts[i],
+                                       ctx.t, sampler, generator)
+        decode_step[revealed] = i
+        for obs in observers:
+            obs.on_step(ctx, features, tokens, revealed)
+    report = getattr(source, "counts", None)
+    return GenerationResult(tokens, decode_step, report() if report else {})

@@ -1,0 +1,1 @@
+"""LightningModules that train the embedded default's parts: tokenizer, base MIGM, classifier."""

@@ -1,0 +1,30 @@
+"""Shared fixtures: small real networks with random weights, and the shipped embedded default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from migm.models.tiny import TinyMIGM
+from migm.models.tokenizer import TokenizerConfig, VQTokenizer
+from migm.models.transformer import MaskedTransformer, TransformerConfig
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def small_migm() -> TinyMIGM:
+    """The real TinyMIGM classes at a small size, random weights: for loop invariants."""
+    torch.manual_seed(0)
+    transformer = MaskedTransformer(TransformerConfig(vocab_size=32, num_tokens=49, width=32,
+                                                      depth=2, heads=2, dropout=0.0))
+    tokenizer = VQTokenizer(TokenizerConfig(channels=8, code_dim=8, codebook_size=32))
+    return TinyMIGM(transformer.eval(), tokenizer.eval())
+
+
+@pytest.fixture(scope="session")
+def shipped_migm() -> TinyMIGM:
+    return TinyMIGM.from_assets()
