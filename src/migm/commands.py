@@ -17,18 +17,19 @@ from migm.sampling.sampler import SamplerConfig
 _EXPORT_PREFIX = {"tokenizer": "tokenizer.", "base": "ema.", "classifier": "net."}
 
 
-def export(checkpoint: Path, kind: Literal["tokenizer", "base", "classifier"],
-           out: Path | None = None) -> Path:
+def export(kind: Literal["tokenizer", "base", "classifier"], checkpoint: Path,
+           out: Path | None = None, trained_with: str = "") -> Path:
     """Turn a Lightning training checkpoint into a small fp16 asset recorded in the manifest.
 
     Args:
-        checkpoint: a `.ckpt` written by `python -m migm fit` with a configs/base/*.yaml.
         kind: which part of the embedded default it is.
+        checkpoint: a `.ckpt` written by `python -m migm fit` with a configs/base/*.yaml.
         out: destination; defaults to src/migm/assets/<kind>.pt.
+        trained_with: the command that produced `checkpoint`, recorded in the manifest.
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
-        raise CheckpointError(f"--checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     prefix = _EXPORT_PREFIX[kind]
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -37,8 +38,8 @@ def export(checkpoint: Path, kind: Literal["tokenizer", "base", "classifier"],
     config = ckpt["hyper_parameters"].get("config")
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
     out = Path(out) if out is not None else ASSET_DIR / f"{kind}.pt"
-    command = "python -m migm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    digest = save_checkpoint(out, kind, config, state, command=command,
+    exported_with = "python -m migm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    digest = save_checkpoint(out, kind, config, state, command=trained_with or exported_with,
                              metrics={"train_step": int(ckpt.get("global_step", 0))})
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 {digest[:16]}...)")
     return out
@@ -125,12 +126,13 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
     metrics.add_real(to_model_range(images[:reference_samples]))
     rows, kept = score_steps(model, metrics, steps, num_samples=num_samples, batch_size=batch_size,
                              seed=seed, schedule=schedule, sampler=sampler,
-                             latency_batch=latency_batch, latency_repeats=latency_repeats, keep=100)
+                             latency_batch=latency_batch, latency_repeats=latency_repeats,
+                             keep=10 * min(10, num_samples // 10))
     out_dir = Path(out_dir)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write_bytes(out_dir / "results.jsonl", lambda tmp: tmp.write_text(text))
-    for n, imgs in kept.items():
-        save_grid(imgs, rows=10, path=out_dir / f"samples_N{n}.png")
+    for n, imgs in kept.items():  # conditions cycle through the classes: one column per class
+        save_grid(imgs, rows=len(imgs) // 10, path=out_dir / f"samples_N{n}.png")
     fid_key = feature.name
     print(f"{'N':>4} {fid_key:>16} {'class acc':>10} {'ms/image':>10}")
     for r in rows:
