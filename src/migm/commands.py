@@ -87,7 +87,8 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
              reference_samples: int = 10000, inception_path: Path | None = None,
              latency_batch: int = 64, latency_repeats: int = 3, base: str = "base.pt",
              tokenizer: str = "tokenizer.pt", classifier: str = "classifier.pt",
-             out_dir: Path = Path("runs/eval/vanilla")) -> list[dict]:
+             cache_dir: Path = Path("runs/cache"), out_dir: Path = Path("runs/eval/vanilla")
+             ) -> list[dict]:
     """Score vanilla generation at several N: FID, class accuracy, latency per image.
 
     Writes results.jsonl (one row per N) and a sample grid per N under `out_dir`.
@@ -107,6 +108,7 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
         base: base model weights.
         tokenizer: tokenizer weights.
         classifier: classifier weights (class accuracy, and FID features when features=classifier).
+        cache_dir: where reference statistics are cached (keyed by extractor and sample count).
         out_dir: output directory.
     """
     import json
@@ -122,21 +124,43 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
     net = load_classifier(classifier)
     feature = ClassifierFeatures(net) if features == "classifier" else InceptionFeatures(inception_path)
     metrics = QualityMetrics(feature, net)
-    images, _ = load_fashion_mnist("test")
-    metrics.add_real(to_model_range(images[:reference_samples]))
-    rows, kept = score_steps(model, metrics, steps, num_samples=num_samples, batch_size=batch_size,
+    cache = Path(cache_dir) / f"{feature.name}_test{reference_samples}.pt"
+    if cache.exists():
+        metrics.load_reference(cache)
+    else:
+        images, _ = load_fashion_mnist("test")
+        metrics.add_real(to_model_range(images[:reference_samples]))
+        metrics.save_reference(cache)
+    rows = [reconstruction_row(model, metrics, num_samples)]
+    vanilla_rows, kept = score_steps(model, metrics, steps, num_samples=num_samples, batch_size=batch_size,
                              seed=seed, schedule=schedule, sampler=sampler,
                              latency_batch=latency_batch, latency_repeats=latency_repeats,
                              keep=10 * min(10, num_samples // 10))
+    rows += vanilla_rows
     out_dir = Path(out_dir)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write_bytes(out_dir / "results.jsonl", lambda tmp: tmp.write_text(text))
     for n, imgs in kept.items():  # conditions cycle through the classes: one column per class
         save_grid(imgs, rows=len(imgs) // 10, path=out_dir / f"samples_N{n}.png")
     fid_key = feature.name
-    print(f"{'N':>4} {fid_key:>16} {'class acc':>10} {'ms/image':>10}")
+    print(f"{'method':>14} {'N':>4} {fid_key:>16} {'class acc':>10} {'ms/image':>10}")
     for r in rows:
-        print(f"{r['steps']:>4} {r[fid_key]:>16.3f} {r.get('class_accuracy', float('nan')):>10.3f} "
-              f"{r['latency_ms_per_image']:>10.2f}")
+        print(f"{r['method']:>14} {r.get('steps', '-'):>4} {r[fid_key]:>16.3f} "
+              f"{r.get('class_accuracy', float('nan')):>10.3f} {r.get('latency_ms_per_image', float('nan')):>10.2f}")
     print(f"wrote {out_dir / 'results.jsonl'}")
     return rows
+
+
+def reconstruction_row(model, metrics, num_samples: int) -> dict:
+    """The tokenizer's round trip on train images: the best FID any generator of these tokens
+    can reach, measured against the same reference as the generated samples."""
+    from migm.data.images import load_fashion_mnist, to_model_range
+    from migm.training.tokenizer import psnr
+
+    images, labels = load_fashion_mnist("train")
+    x = to_model_range(images[:num_samples])
+    metrics.reset()
+    recon = torch.cat([model.decode(model.tokenizer.encode(chunk)) for chunk in x.split(500)])
+    metrics.add_fake(recon, labels[:num_samples])
+    return {"method": "reconstruction", "num_samples": num_samples,
+            "psnr_db": float(psnr(recon, x).mean()), **metrics.compute()}

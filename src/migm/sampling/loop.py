@@ -90,9 +90,12 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
     tokens = torch.full((B, Lt), mask_id, dtype=torch.long, device=device)
     decode_step = torch.zeros((B, Lt), dtype=torch.long, device=device)
     features, revealed = None, None
+
+    def stack(x: torch.Tensor) -> torch.Tensor:  # the same grid for every CFG branch
+        return x if sampler.branches == 1 else torch.cat([x, x])
+
     source.reset()
     for i in range(1, steps + 1):
-        stack = (lambda x: x) if sampler.branches == 1 else (lambda x: torch.cat([x, x]))
         ctx = StepContext(step=i, steps=steps, t=(i - 1) / steps, mask_ratio=counts[i - 1] / Lt,
                           tokens=stack(tokens), cond=stacked_cond, prev_features=features,
                           revealed=None if revealed is None else stack(revealed))
