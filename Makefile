@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo base tokenizer base-model classifier evaluate inception clean
+.PHONY: setup data test test-all demo bench base tokenizer base-model classifier evaluate inception clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,7 +44,11 @@ demo: setup
 
 # The full vanilla evaluation quoted in the README (about 15 minutes here).
 evaluate: setup
-	$(PY) -m migm evaluate --steps "[4, 8, 12, 16, 32]" --num_samples 1000 --out_dir $(RUNS)/eval/vanilla
+	$(PY) -m migm evaluate --config experiments/vanilla_steps.yaml
+
+# Per-call cost of each part of a generation step (base features, head + sampler, decode).
+bench: setup
+	$(PY) -m migm bench --out $(RUNS)/bench/step_costs.json
 
 # Rebuild the embedded default from scratch (tokenizer ~9 min, base ~75 min, classifier ~6 min).
 base: tokenizer base-model classifier

@@ -22,6 +22,16 @@ def test_every_shipped_config_resolves(config, capsys):
     assert resolved["seed_everything"] == original["seed_everything"]
 
 
+@pytest.mark.parametrize("config", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_resolves(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for key, value in yaml.safe_load(config.read_text()).items():
+        assert resolved[key] == value, key
+
+
 def test_unknown_config_key_is_an_error_naming_the_key(tmp_path, capsys):
     cfg = yaml.safe_load((REPO / "configs/base/classifier.yaml").read_text())
     cfg["model"]["init_args"]["learning_rat"] = 0.1
@@ -71,3 +81,10 @@ def test_evaluate_writes_results_and_grids(tmp_path):
         assert r["latency_ms_per_image"] > 0 and r["base_calls_per_batch"] == r["steps"]
         assert r["num_samples"] == 40
     assert (tmp_path / "samples_N6.png").exists()
+
+
+def test_bench_reports_every_part_of_a_step(tmp_path):
+    import json
+    costs = main(["bench", "--batch_size", "4", "--repeats", "1", "--out", str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text()) == costs
+    assert all(costs[k] > 0 for k in ("base_features_ms", "head_and_sampler_ms", "decode_ms"))

@@ -21,7 +21,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def _project_commands() -> dict:
     from migm import commands
-    return {"export": commands.export, "generate": commands.generate, "evaluate": commands.evaluate}
+    return {"export": commands.export, "generate": commands.generate, "evaluate": commands.evaluate,
+            "bench": commands.bench}
 
 
 def with_default_config(argv: list[str]) -> list[str]:

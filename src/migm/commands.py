@@ -164,3 +164,27 @@ def reconstruction_row(model, metrics, num_samples: int) -> dict:
     metrics.add_fake(recon, labels[:num_samples])
     return {"method": "reconstruction", "num_samples": num_samples,
             "psnr_db": float(psnr(recon, x).mean()), **metrics.compute()}
+
+
+def bench(batch_size: int = 64, repeats: int = 10, base: str = "base.pt", tokenizer: str = "tokenizer.pt",
+          out: Path = Path("runs/bench/step_costs.json")) -> dict:
+    """Time one generation step's parts (base features, head + sampler, decode) and write JSON.
+
+    Args:
+        batch_size: images per call (the base sees 2x rows with CFG).
+        repeats: timed repeats after one warm-up; the median is reported.
+        base: base model weights.
+        tokenizer: tokenizer weights.
+        out: where the JSON is written.
+    """
+    import json
+
+    from migm.evaluation.bench import step_costs
+    from migm.models.assets import atomic_write_bytes
+
+    costs = step_costs(_load_base(base, tokenizer), batch_size=batch_size, repeats=repeats)
+    atomic_write_bytes(Path(out), lambda tmp: tmp.write_text(json.dumps(costs, indent=2) + "\n"))
+    for key, value in costs.items():
+        print(f"{key:>22}: {value:.2f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    print(f"wrote {out}")
+    return costs

@@ -13,15 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from migm.models.assets import ASSET_DIR, CheckpointError, load_checkpoint
+from migm.models.assets import ASSET_DIR, CheckpointError, load_module
 from migm.models.classifier import ClassifierConfig, FashionClassifier
 
 
 def load_classifier(name_or_path: str | Path = "classifier.pt", asset_dir: Path = ASSET_DIR) -> FashionClassifier:
-    blob = load_checkpoint(name_or_path, "classifier", asset_dir)
-    net = FashionClassifier(ClassifierConfig(**blob["config"]))
-    net.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-    return net.eval().requires_grad_(False)
+    return load_module(name_or_path, "classifier", lambda c: FashionClassifier(ClassifierConfig(**c)), asset_dir)
 
 
 class ClassifierFeatures(nn.Module):

@@ -13,9 +13,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST = "manifest.json"
@@ -83,6 +84,18 @@ def load_checkpoint(name_or_path: str | Path, kind: str, asset_dir: Path = ASSET
         got = blob.get("kind") if isinstance(blob, dict) else type(blob).__name__
         raise CheckpointError(f"{path}: field 'kind' is {got!r}, expected {kind!r}")
     return blob
+
+
+def load_module(name_or_path: str | Path, kind: str, build: Callable[[dict], nn.Module],
+                asset_dir: Path = ASSET_DIR) -> nn.Module:
+    """Load a checked asset into the network `build(config)` makes; frozen, in eval mode, fp32."""
+    blob = load_checkpoint(name_or_path, kind, asset_dir)
+    module = build(blob["config"])
+    try:
+        module.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    except RuntimeError as err:
+        raise CheckpointError(f"{name_or_path}: weights do not fit the {kind} network: {err}") from err
+    return module.eval().requires_grad_(False)
 
 
 def save_checkpoint(path: Path, kind: str, config: dict, state_dict: dict[str, torch.Tensor],

@@ -11,23 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from migm.models.assets import ASSET_DIR, load_checkpoint
+from migm.models.assets import ASSET_DIR, load_module
 from migm.models.tokenizer import TokenizerConfig, VQTokenizer
 from migm.models.transformer import MaskedTransformer, TransformerConfig
 
 
 def load_tokenizer(name_or_path: str | Path = "tokenizer.pt", asset_dir: Path = ASSET_DIR) -> VQTokenizer:
-    blob = load_checkpoint(name_or_path, "tokenizer", asset_dir)
-    tokenizer = VQTokenizer(TokenizerConfig(**blob["config"]))
-    tokenizer.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-    return tokenizer.eval().requires_grad_(False)
+    return load_module(name_or_path, "tokenizer", lambda c: VQTokenizer(TokenizerConfig(**c)), asset_dir)
 
 
 def load_transformer(name_or_path: str | Path = "base.pt", asset_dir: Path = ASSET_DIR) -> MaskedTransformer:
-    blob = load_checkpoint(name_or_path, "base", asset_dir)
-    model = MaskedTransformer(TransformerConfig(**blob["config"]))
-    model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-    return model.eval().requires_grad_(False)
+    return load_module(name_or_path, "base", lambda c: MaskedTransformer(TransformerConfig(**c)), asset_dir)
 
 
 class TinyMIGM(nn.Module):

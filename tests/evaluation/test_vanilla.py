@@ -1,0 +1,25 @@
+"""The shipped base model is good enough to accelerate: quality improves with steps."""
+
+import pytest
+import torch
+
+from migm.data.images import load_fashion_mnist, to_model_range
+from migm.evaluation.features import ClassifierFeatures, load_classifier
+from migm.evaluation.quality import QualityMetrics
+from migm.evaluation.vanilla import balanced_conditions, score_steps
+
+
+def test_balanced_conditions_cycle_through_classes():
+    assert balanced_conditions(25, 10).tolist() == [i % 10 for i in range(25)]
+
+
+def test_shipped_base_improves_with_steps_and_follows_the_class(shipped_migm):
+    net = load_classifier()
+    metrics = QualityMetrics(ClassifierFeatures(net), net)
+    images, _ = load_fashion_mnist("test")
+    metrics.add_real(to_model_range(images[:5000]))
+    rows, _ = score_steps(shipped_migm, metrics, [4, 16], num_samples=400, batch_size=200,
+                          latency_batch=8, latency_repeats=1)
+    by_n = {r["steps"]: r for r in rows}
+    assert by_n[16]["fid_classifier"] < 0.8 * by_n[4]["fid_classifier"]
+    assert by_n[16]["class_accuracy"] >= 0.85
