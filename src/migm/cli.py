@@ -50,7 +50,11 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> Lightning
 
 def main(args: list[str] | None = None):
     """Entry point; `args` lets tests call the CLI as a function (None reads sys.argv)."""
-    argv = with_default_config(list(sys.argv[1:] if args is None else args))
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "collect":  # trajectory collection runs on Lightning's predict loop
+        argv = ["predict", *argv[1:]] if "--config" in " ".join(argv) else \
+            ["predict", "--config", str(REPO_ROOT / "configs" / "collect_tiny.yaml"), *argv[1:]]
+    argv = with_default_config(argv)
     commands = _project_commands()
     if argv and argv[0] in commands:
         from jsonargparse import auto_cli

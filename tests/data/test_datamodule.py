@@ -1,0 +1,88 @@
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from migm.data.collection import write_manifest
+from migm.data.datamodule import TrajectoryDataModule, scan_shards
+from migm.data.recorder import TrajectoryRecorder
+from migm.data.trajectories import ShardError, ShardSchema, write_shard, x_at_step
+from migm.sampling.loop import VanillaSource, generate
+from migm.sampling.sampler import SamplerConfig
+
+
+def _schema(model, steps):
+    s = SamplerConfig()
+    return ShardSchema("test", "0", steps, "arccos", model.num_tokens, model.feature_dim,
+                       model.vocab_size, model.mask_id, 2, s.cfg_weight, s.temperature,
+                       s.choice_temperature)
+
+
+def _collect(model, path, n, steps=4, seed=0):
+    rec = TrajectoryRecorder()
+    cond = torch.arange(n) % 10
+    out = generate(model, VanillaSource(model), cond, steps, seed=seed, observers=[rec])
+    return write_shard(path, _schema(model, steps), tokens=out.tokens.numpy(),
+                       decode_step=out.decode_step.numpy(), cond=cond.numpy(),
+                       seed=np.full(n, seed), **rec.arrays())
+
+
+@pytest.fixture
+def shard_dir(small_migm, tmp_path):
+    d = tmp_path / "traj"
+    _collect(small_migm, d / "shard-000-00000.h5", 5, seed=0)
+    _collect(small_migm, d / "shard-001-00000.h5", 3, seed=1)
+    write_manifest(d, _schema(small_migm, 4), {})
+    return d
+
+
+def test_samples_are_the_recorded_pairs_split_by_trajectory(shard_dir):
+    dm = TrajectoryDataModule([str(shard_dir)], val_fraction=0.25, batch_size=4, seed=0)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 8 * 3 * 2          # T * (N-1) * branches
+    assert not set(dm.train_set.trajectories) & set(dm.val_set.trajectories)
+    ds = dm.train_set
+    files = [h5py.File(p) for p in sorted(shard_dir.glob("shard-*.h5"))]
+    feats = np.concatenate([f["features"][:] for f in files])
+    tokens = torch.from_numpy(np.concatenate([f["tokens"][:] for f in files])).long()
+    dsteps = torch.from_numpy(np.concatenate([f["decode_step"][:] for f in files])).long()
+    for k in range(len(ds)):
+        s = ds[k]
+        row = k // 6
+        traj, i, b = ds.trajectories[row], int(s["step"]), int(s["branch"])
+        assert torch.equal(s["features"], torch.from_numpy(feats[traj, i - 1, b]).float())
+        assert torch.equal(s["target"], torch.from_numpy(feats[traj, i, b]).float())
+        assert torch.equal(s["tokens"], x_at_step(tokens[traj], dsteps[traj], i, ds.schema.mask_id))
+        assert torch.equal(s["new"], dsteps[traj] == i) and s["new"].any()
+        assert float(s["t"]) == pytest.approx(i / 4)
+
+
+def test_workers_and_ranks_see_everything_once(shard_dir):
+    dm = TrajectoryDataModule([str(shard_dir)], val_fraction=0.25, batch_size=5, num_workers=2)
+    dm.setup()
+    n = sum(len(b["step"]) for b in dm.train_dataloader())
+    assert n == len(dm.train_set)
+    ranks = [set(DistributedSampler(dm.train_set, num_replicas=2, rank=r, shuffle=True, seed=0))
+             for r in (0, 1)]
+    assert not ranks[0] & ranks[1] and len(ranks[0] | ranks[1]) == len(dm.train_set)
+
+
+def test_bad_shard_sets_name_the_file_and_field(small_migm, shard_dir, tmp_path):
+    with pytest.raises(ShardError, match="manifest.json: missing"):
+        scan_shards([tmp_path])
+    other = tmp_path / "other"
+    _collect(small_migm, other / "shard-000-00000.h5", 2, steps=5)
+    write_manifest(other, _schema(small_migm, 5), {})
+    with pytest.raises(ShardError, match=r"other/shard-000-00000.h5: does not match .*steps: 5 != 4"):
+        scan_shards([shard_dir, other])
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    (shard_dir / "shard-001-00000.h5").unlink()
+    with pytest.raises(ShardError, match="shard-001-00000.h5: listed in .* but missing"):
+        scan_shards([shard_dir])
+    (shard_dir / "shard-001-00000.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ShardError, match="shard-001-00000.h5: not a readable HDF5 file"):
+        scan_shards([shard_dir])
+    assert manifest["trajectories"] == 8
