@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench base tokenizer base-model classifier evaluate inception clean
+.PHONY: setup data test test-all demo bench collect base tokenizer base-model classifier evaluate inception clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ demo: setup
 # The full vanilla evaluation quoted in the README (about 15 minutes here).
 evaluate: setup
 	$(PY) -m migm evaluate --config experiments/vanilla_steps.yaml
+
+# Record vanilla trajectories of the embedded base model into HDF5 shards (resumable).
+collect: setup
+	$(PY) -m migm collect --config configs/collect_tiny.yaml
 
 # Per-call cost of each part of a generation step (base features, head + sampler, decode).
 bench: setup

@@ -52,3 +52,29 @@ def test_collect_writes_shards_and_manifest_then_resumes(tmp_path):
     again = _read(shards[1])
     for key in first:
         np.testing.assert_array_equal(first[key], again[key], err_msg=key)     # deterministic
+
+
+def test_two_processes_split_the_work_and_each_write_their_shards(tmp_path):
+    """DDP with 2 CPU processes (gloo), launched as its own process tree: under pytest, Lightning
+    would re-launch pytest itself in the child and could hide a failing child."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK")
+           and not k.startswith("MASTER_") and not k.startswith("PL_")}
+    cmd = [sys.executable, "-m", "migm", "collect", "--config", _config(tmp_path),
+           "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "traj"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["trajectories"] == 10
+    seen = {}
+    for shard in manifest["shards"]:
+        rank = int(shard["file"].split("-")[1])
+        with h5py.File(out / shard["file"]) as f:
+            seen.setdefault(rank, set()).update(f["seed"][:].tolist())
+    assert set(seen) == {0, 1}
+    assert not seen[0] & seen[1]                       # no batch generated twice
