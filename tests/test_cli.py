@@ -89,3 +89,12 @@ def test_bench_reports_every_part_of_a_step(tmp_path):
     costs = main(["bench", "--batch_size", "4", "--repeats", "1", "--out", str(tmp_path / "b.json")])
     assert json.loads((tmp_path / "b.json").read_text()) == costs
     assert all(costs[k] > 0 for k in ("base_features_ms", "head_and_sampler_ms", "decode_ms"))
+
+
+def test_default_configs_apply_only_without_config():
+    from migm.cli import COLLECT_CONFIG, DEFAULT_CONFIG, with_default_config
+    assert with_default_config(["fit"]) == ["fit", "--config", str(DEFAULT_CONFIG)]
+    assert with_default_config(["collect", "--trainer.devices", "2"]) == \
+        ["predict", "--config", str(COLLECT_CONFIG), "--trainer.devices", "2"]
+    assert with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
+    assert with_default_config(["generate", "--steps", "4"]) == ["generate", "--steps", "4"]

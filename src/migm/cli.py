@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+COLLECT_CONFIG = REPO_ROOT / "configs" / "collect_tiny.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -26,16 +27,23 @@ def _project_commands() -> dict:
 
 
 def with_default_config(argv: list[str]) -> list[str]:
-    """Insert `--config configs/tiny.yaml` after the subcommand when no --config is given.
+    """Insert `--config configs/tiny.yaml` after a Lightning subcommand when no --config is given.
 
-    (jsonargparse's default_config_files would merge tiny.yaml under every other config too, so
-    a classifier config would inherit the base model's trainer settings.)
+    `collect` is `predict` with configs/collect_tiny.yaml as its default: trajectory collection
+    runs on Lightning's predict loop. (jsonargparse's default_config_files would merge tiny.yaml
+    under every other config too, so a classifier config would inherit the base's trainer.)
     """
-    if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS or any(a == "--config" or a.startswith("--config=") for a in argv):
+    if not argv:
         return argv
-    if not DEFAULT_CONFIG.exists() or any(a in ("-h", "--help") for a in argv):
+    default = DEFAULT_CONFIG
+    if argv[0] == "collect":
+        argv, default = ["predict", *argv[1:]], COLLECT_CONFIG
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    if argv[0] not in LIGHTNING_SUBCOMMANDS or has_config or not default.exists():
         return argv
-    return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
+    if any(a in ("-h", "--help") for a in argv):
+        return argv
+    return [argv[0], "--config", str(default), *argv[1:]]
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -50,11 +58,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True) -> Lightning
 
 def main(args: list[str] | None = None):
     """Entry point; `args` lets tests call the CLI as a function (None reads sys.argv)."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "collect":  # trajectory collection runs on Lightning's predict loop
-        argv = ["predict", *argv[1:]] if "--config" in " ".join(argv) else \
-            ["predict", "--config", str(REPO_ROOT / "configs" / "collect_tiny.yaml"), *argv[1:]]
-    argv = with_default_config(argv)
+    argv = with_default_config(list(sys.argv[1:] if args is None else args))
     commands = _project_commands()
     if argv and argv[0] in commands:
         from jsonargparse import auto_cli
