@@ -78,3 +78,14 @@ def test_two_processes_split_the_work_and_each_write_their_shards(tmp_path):
             seen.setdefault(rank, set()).update(f["seed"][:].tolist())
     assert set(seen) == {0, 1}
     assert not seen[0] & seen[1]                       # no batch generated twice
+
+
+def test_overwrite_starts_over(tmp_path):
+    main(["collect", "--config", _config(tmp_path)])
+    shard = tmp_path / "traj" / "shard-000-00000.h5"
+    stamp = shard.stat().st_mtime_ns
+    (tmp_path / "traj" / "stray.txt").write_text("from an earlier run")
+    main(["collect", "--config", _config(tmp_path), "--trainer.callbacks.init_args.overwrite", "true"])
+    assert shard.stat().st_mtime_ns != stamp
+    assert not (tmp_path / "traj" / "stray.txt").exists()
+    assert json.loads((tmp_path / "traj" / "manifest.json").read_text())["trajectories"] == 10
