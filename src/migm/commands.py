@@ -117,7 +117,7 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
     from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
     from migm.evaluation.images import save_grid
     from migm.evaluation.quality import QualityMetrics
-    from migm.evaluation.vanilla import score_steps
+    from migm.evaluation.vanilla import reconstruction_row, score_steps
     from migm.models.assets import atomic_write_bytes
 
     model = _load_base(base, tokenizer)
@@ -149,21 +149,6 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
               f"{r.get('class_accuracy', float('nan')):>10.3f} {r.get('latency_ms_per_image', float('nan')):>10.2f}")
     print(f"wrote {out_dir / 'results.jsonl'}")
     return rows
-
-
-def reconstruction_row(model, metrics, num_samples: int) -> dict:
-    """The tokenizer's round trip on train images: the best FID any generator of these tokens
-    can reach, measured against the same reference as the generated samples."""
-    from migm.data.images import load_fashion_mnist, to_model_range
-    from migm.training.tokenizer import psnr
-
-    images, labels = load_fashion_mnist("train")
-    x = to_model_range(images[:num_samples])
-    metrics.reset()
-    recon = torch.cat([model.decode(model.tokenizer.encode(chunk)) for chunk in x.split(500)])
-    metrics.add_fake(recon, labels[:num_samples])
-    return {"method": "reconstruction", "num_samples": num_samples,
-            "psnr_db": float(psnr(recon, x).mean()), **metrics.compute()}
 
 
 def bench(batch_size: int = 64, repeats: int = 10, base: str = "base.pt", tokenizer: str = "tokenizer.pt",

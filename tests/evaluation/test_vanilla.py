@@ -1,7 +1,5 @@
 """The shipped base model generates the requested classes, with quality far from noise."""
 
-import pytest
-import torch
 
 from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.features import ClassifierFeatures, load_classifier

@@ -12,10 +12,12 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
+from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.latency import measure_latency
 from migm.evaluation.quality import QualityMetrics
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig
+from migm.training.tokenizer import psnr
 
 
 def balanced_conditions(num_samples: int, num_classes: int) -> torch.Tensor:
@@ -55,3 +57,16 @@ def score_steps(model, metrics: QualityMetrics, steps_list: Iterable[int], *, nu
         if keep:
             kept[steps] = torch.cat(images_kept)[:keep]
     return rows, kept
+
+
+def reconstruction_row(model, metrics, num_samples: int) -> dict:
+    """The tokenizer's round trip on train images: the best FID any generator of these tokens
+    can reach, measured against the same reference as the generated samples."""
+    images, labels = load_fashion_mnist("train")
+    x = to_model_range(images[:num_samples])
+    metrics.reset()
+    recon = torch.cat([model.decode(model.tokenizer.encode(chunk)) for chunk in x.split(500)])
+    metrics.add_fake(recon, labels[:num_samples])
+    return {"method": "reconstruction", "num_samples": num_samples,
+            "psnr_db": float(psnr(recon, x).mean()), **metrics.compute()}
+

@@ -113,11 +113,3 @@ def save_checkpoint(path: Path, kind: str, config: dict, state_dict: dict[str, t
     atomic_write_bytes(path.parent / MANIFEST, lambda tmp: tmp.write_text(text))
     return digest
 
-
-def update_metrics(name: str, metrics: dict[str, float], asset_dir: Path = ASSET_DIR) -> None:
-    manifest = read_manifest(asset_dir)
-    if name not in manifest:
-        raise CheckpointError(f"{name} is not in {Path(asset_dir) / MANIFEST}")
-    manifest[name]["metrics"].update(metrics)
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(Path(asset_dir) / MANIFEST, lambda tmp: tmp.write_text(text))

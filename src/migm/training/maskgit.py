@@ -14,7 +14,7 @@ import copy
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from migm.data.images import ImageDataModule, load_fashion_mnist, to_model_range
 from migm.models.tokenizer import VQTokenizer
