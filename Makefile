@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench collect base tokenizer base-model classifier evaluate inception clean
+.PHONY: setup data test test-all demo bench collect fit eval-shortcut shortcut base tokenizer base-model classifier evaluate inception clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,10 +37,19 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# Vanilla generation of the shipped base model: sample grid + FID/class accuracy/latency table.
+# The whole pipeline on the embedded default, under runs/demo: record trajectories, train the
+# shortcut, evaluate vanilla vs shortcut (table + Pareto plot + sample grid + W&B offline run).
+# A second `make demo` reuses what is complete: finished shards, a finished fit (fit.done).
+DEMO := $(RUNS)/demo
 demo: setup
-	$(PY) -m migm generate --steps 16 --out $(RUNS)/demo/samples.png
-	$(PY) -m migm evaluate --steps "[4, 8, 16]" --num_samples 500 --out_dir $(RUNS)/demo/vanilla
+	$(PY) -m migm collect --config experiments/demo_collect.yaml
+	$(MAKE) --no-print-directory $(DEMO)/fit.done
+	$(PY) -m migm test --config experiments/demo.yaml --ckpt_path $(DEMO)/checkpoints/best.ckpt
+	@echo "pictures: $(DEMO)/eval/pareto.png $(DEMO)/eval/samples.png; table: $(DEMO)/eval/results.jsonl"
+
+$(DEMO)/fit.done:
+	$(PY) -m migm fit --config experiments/demo.yaml $$([ -f $(DEMO)/checkpoints/last.ckpt ] && echo --ckpt_path $(DEMO)/checkpoints/last.ckpt)
+	touch $@
 
 # The full vanilla evaluation quoted in the README (about 15 minutes here).
 evaluate: setup
@@ -50,11 +59,20 @@ evaluate: setup
 collect: setup
 	$(PY) -m migm collect --config configs/collect_tiny.yaml
 
-# Per-call cost of each part of a generation step (base features, head + sampler, decode).
-bench: setup
-	$(PY) -m migm bench --out $(RUNS)/bench/step_costs.json
+# Train the embedded default's shortcut on them (configs/tiny.yaml), evaluate it, ship it.
+fit: setup
+	$(PY) -m migm fit --config configs/tiny.yaml
+eval-shortcut: setup
+	$(PY) -m migm test --config configs/tiny.yaml --ckpt_path $(RUNS)/tiny/checkpoints/best.ckpt
+shortcut: collect fit
+	$(PY) -m migm export shortcut $(RUNS)/tiny/checkpoints/best.ckpt --trained_with "make shortcut"
 
-# Rebuild the embedded default from scratch (tokenizer ~9 min, base ~75 min, classifier ~6 min).
+# Per-call costs (base, shortcut, head + sampler, decode), end-to-end speedup at N=32, and the
+# data numbers (collection rate, bytes per trajectory, loader samples/s) if `make collect` ran.
+bench: setup
+	$(PY) -m migm bench --out $(RUNS)/bench/bench.json
+
+# Rebuild the embedded default's base from scratch (tokenizer ~9 min, base ~110 min, classifier ~6 min).
 base: tokenizer base-model classifier
 
 tokenizer: setup
@@ -62,7 +80,7 @@ tokenizer: setup
 	$(PY) -m migm export tokenizer $(RUNS)/base/tokenizer/last.ckpt --trained_with "make tokenizer"
 
 base-model: setup
-	$(PY) -m migm fit --config configs/tiny.yaml $$([ -f $(RUNS)/base/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base/maskgit/last.ckpt)
+	$(PY) -m migm fit --config configs/base/maskgit.yaml $$([ -f $(RUNS)/base/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base/maskgit/last.ckpt)
 	$(PY) -m migm export base $(RUNS)/base/maskgit/last.ckpt --trained_with "make base-model"
 
 classifier: setup

@@ -25,6 +25,16 @@ def test_every_shipped_config_resolves(config, capsys):
 
 @pytest.mark.parametrize("config", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_resolves(config, capsys):
+    """Lightning experiments (they have a trainer) go through fit/predict, the rest are `evaluate`."""
+    original = yaml.safe_load(config.read_text())
+    if "trainer" in original:
+        sub = "predict" if "Collection" in original["model"]["class_path"] else "fit"
+        with pytest.raises(SystemExit) as exit_info:
+            main([sub, "--config", str(config), "--print_config"])
+        assert exit_info.value.code == 0
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        assert resolved["data"]["init_args"].items() >= original["data"]["init_args"].items()
+        return
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
@@ -73,22 +83,29 @@ def test_evaluate_writes_results_and_grids(tmp_path):
                  "--reference_samples", "1000", "--latency_batch", "8", "--latency_repeats", "1",
                  "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path)])
     written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert written == rows and [r.get("steps") for r in rows] == [None, 2, 6]
-    recon, rows = rows[0], rows[1:]
+    assert written == rows and [r.get("steps") for r in rows] == [2, 6, None]
+    rows, recon = rows[:-1], rows[-1]
     assert recon["method"] == "reconstruction" and recon["psnr_db"] > 20
     assert (tmp_path / "cache" / "fid_classifier_test1000.pt").exists()
     for r in rows:
         assert r["fid_classifier"] > 0 and 0 <= r["class_accuracy"] <= 1
-        assert r["latency_ms_per_image"] > 0 and r["base_calls_per_batch"] == r["steps"]
+        assert r["latency_ms_per_image"] > 0 and r["base_calls"] == r["steps"]
         assert r["num_samples"] == 40
-    assert (tmp_path / "samples_N6.png").exists()
+    assert rows[1]["speedup"] == 1.0 and rows[0]["speedup"] > 1      # N=6 is the reference
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "pareto.png").exists()
 
 
 def test_bench_reports_every_part_of_a_step(tmp_path):
     import json
-    costs = main(["bench", "--batch_size", "4", "--repeats", "1", "--out", str(tmp_path / "b.json")])
-    assert json.loads((tmp_path / "b.json").read_text()) == costs
+    out = main(["bench", "--batch_size", "4", "--repeats", "1", "--steps", "8", "--budgets", "[2]",
+                "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text()) == out
+    costs = out["step_costs"]
     assert all(costs[k] > 0 for k in ("base_features_ms", "head_and_sampler_ms", "decode_ms"))
+    short = out["shortcut_vs_base"]
+    assert short["rows"] == 8 and short["base_params"] > 5 * short["shortcut_params"]
+    assert [r["config"] for r in out["end_to_end"]] == ["vanilla N8", "shortcut N8/B2"]
+    assert out["end_to_end"][0]["speedup"] == 1.0 and "data" not in out
 
 
 def test_default_configs_apply_only_without_config():
@@ -98,3 +115,25 @@ def test_default_configs_apply_only_without_config():
         ["predict", "--config", str(COLLECT_CONFIG), "--trainer.devices", "2"]
     assert with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
     assert with_default_config(["generate", "--steps", "4"]) == ["generate", "--steps", "4"]
+
+
+@pytest.mark.parametrize("name,params", [("maskgit", 8.6e6), ("dimoo", 220e6)])
+def test_real_model_configs_build_the_papers_shortcut_on_the_meta_device(name, params):
+    """The paper reports 8.6M (MaskGIT-Shortcut) and 220M (DiMOO-Shortcut) parameters."""
+    import torch
+
+    from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
+    cfg = yaml.safe_load((REPO / f"configs/{name}.yaml").read_text())
+    with torch.device("meta"):
+        net = ShortcutNetwork(ShortcutConfig(**cfg["model"]["init_args"]["network"]))
+    count = sum(p.numel() for p in net.parameters())
+    assert abs(count - params) / params < 0.15, count
+
+
+def test_real_models_fail_with_a_message_saying_what_is_missing(tmp_path):
+    from migm.models.assets import CheckpointError
+    from migm.models.registry import load_base
+    with pytest.raises(CheckpointError, match="Maskgit-pytorch"):
+        load_base("maskgit", tmp_path / "MaskGIT_ImageNet_512.pth", tmp_path / "vqgan.pth")
+    with pytest.raises(CheckpointError, match="Lumina-DiMOO"):
+        load_base("dimoo", tmp_path / "Lumina-DiMOO", "")

@@ -7,12 +7,13 @@ plain typed functions exposed through jsonargparse: both kinds take `--config FI
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 
 from lightning import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -46,12 +47,33 @@ def with_default_config(argv: list[str]) -> list[str]:
     return [argv[0], "--config", str(default), *argv[1:]]
 
 
+class LoggedConfig(SaveConfigCallback):
+    """Saves config.yaml beside the run (Lightning's default) and also hands the full resolved
+    config to every logger, so a W&B run says exactly how it was made."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.parser.dump(self.config, skip_none=False, format="json")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+def default_wandb_mode() -> None:
+    """W&B offline unless the user configured an API key: runs never need a network, and
+    `wandb sync <run dir>` uploads them later."""
+    netrc = Path.home() / ".netrc"
+    logged_in = "WANDB_API_KEY" in os.environ or (netrc.exists() and "wandb" in netrc.read_text())
+    if not logged_in:
+        os.environ.setdefault("WANDB_MODE", "offline")
+
+
 def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    default_wandb_mode()
     return LightningCLI(
         LightningModule, LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
-        seed_everything_default=0, save_config_kwargs={"overwrite": True},
+        seed_everything_default=0, save_config_callback=LoggedConfig,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": True},
         args=args, run=run,
     )
 

@@ -14,16 +14,17 @@ from migm.models.assets import ASSET_DIR, CheckpointError, save_checkpoint
 from migm.sampling.sampler import SamplerConfig
 
 # Which submodule of each training LightningModule holds the weights that ship.
-_EXPORT_PREFIX = {"tokenizer": "tokenizer.", "base": "ema.", "classifier": "net."}
+_EXPORT_PREFIX = {"tokenizer": "tokenizer.", "base": "ema.", "classifier": "net.", "shortcut": "ema."}
 
 
-def export(kind: Literal["tokenizer", "base", "classifier"], checkpoint: Path,
+def export(kind: Literal["tokenizer", "base", "classifier", "shortcut"], checkpoint: Path,
            out: Path | None = None, trained_with: str = "") -> Path:
     """Turn a Lightning training checkpoint into a small fp16 asset recorded in the manifest.
 
     Args:
         kind: which part of the embedded default it is.
-        checkpoint: a `.ckpt` written by `python -m migm fit` with a configs/base/*.yaml.
+        checkpoint: a `.ckpt` written by `python -m migm fit` (configs/base/*.yaml, or a
+            shortcut config such as configs/tiny.yaml).
         out: destination; defaults to src/migm/assets/<kind>.pt.
         trained_with: the command that produced `checkpoint`, recorded in the manifest.
     """
@@ -35,13 +36,24 @@ def export(kind: Literal["tokenizer", "base", "classifier"], checkpoint: Path,
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise CheckpointError(f"{checkpoint}: no weights under '{prefix}', is it a {kind} checkpoint?")
-    config = ckpt["hyper_parameters"].get("config")
+    config = ckpt["hyper_parameters"].get("network" if kind == "shortcut" else "config")
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
     out = Path(out) if out is not None else ASSET_DIR / f"{kind}.pt"
     exported_with = "python -m migm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     digest = save_checkpoint(out, kind, config, state, command=trained_with or exported_with,
-                             metrics={"train_step": int(ckpt.get("global_step", 0))})
+                             metrics={"train_step": int(ckpt.get("global_step", 0)),
+                                      **_monitored(ckpt)})
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, sha256 {digest[:16]}...)")
+    return out
+
+
+def _monitored(ckpt: dict) -> dict:
+    """The ModelCheckpoint's monitored value (e.g. val/rel_err of the best shortcut), if any."""
+    out = {}
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
+            monitor = key.split("'monitor': '")[1].split("'")[0] if "'monitor': '" in key else "best"
+            out[monitor.replace("/", "_")] = round(float(state["best_model_score"]), 4)
     return out
 
 
@@ -111,65 +123,98 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
         cache_dir: where reference statistics are cached (keyed by extractor and sample count).
         out_dir: output directory.
     """
-    import json
-
-    from migm.data.images import load_fashion_mnist, to_model_range
-    from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
-    from migm.evaluation.images import save_grid
-    from migm.evaluation.quality import QualityMetrics
+    from migm.evaluation.grid import GridConfig
+    from migm.evaluation.report import format_table, write_report
+    from migm.evaluation.setup import quality_metrics
     from migm.evaluation.vanilla import reconstruction_row, score_steps
-    from migm.models.assets import atomic_write_bytes
 
     model = _load_base(base, tokenizer)
-    net = load_classifier(classifier)
-    feature = ClassifierFeatures(net) if features == "classifier" else InceptionFeatures(inception_path)
-    metrics = QualityMetrics(feature, net)
-    cache = Path(cache_dir) / f"{feature.name}_test{reference_samples}.pt"
-    if cache.exists():
-        metrics.load_reference(cache)
-    else:
-        images, _ = load_fashion_mnist("test")
-        metrics.add_real(to_model_range(images[:reference_samples]))
-        metrics.save_reference(cache)
-    rows = [reconstruction_row(model, metrics, num_samples)]
-    vanilla_rows, kept = score_steps(model, metrics, steps, num_samples=num_samples, batch_size=batch_size,
-                             seed=seed, schedule=schedule, sampler=sampler,
-                             latency_batch=latency_batch, latency_repeats=latency_repeats,
-                             keep=10 * min(10, num_samples // 10))
-    rows += vanilla_rows
-    out_dir = Path(out_dir)
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    atomic_write_bytes(out_dir / "results.jsonl", lambda tmp: tmp.write_text(text))
-    for n, imgs in kept.items():  # conditions cycle through the classes: one column per class
-        save_grid(imgs, rows=len(imgs) // 10, path=out_dir / f"samples_N{n}.png")
-    fid_key = feature.name
-    print(f"{'method':>14} {'N':>4} {fid_key:>16} {'class acc':>10} {'ms/image':>10}")
-    for r in rows:
-        print(f"{r['method']:>14} {r.get('steps', '-'):>4} {r[fid_key]:>16.3f} "
-              f"{r.get('class_accuracy', float('nan')):>10.3f} {r.get('latency_ms_per_image', float('nan')):>10.2f}")
-    print(f"wrote {out_dir / 'results.jsonl'}")
-    return rows
+    metrics = quality_metrics(features, classifier, reference_samples, inception_path=inception_path,
+                              cache_dir=cache_dir)
+    recon = reconstruction_row(model, metrics, num_samples)
+    config = GridConfig(schedule=schedule, sampler=sampler, latency_batch=latency_batch,
+                        latency_repeats=latency_repeats, seed=seed)
+    rows, grid = score_steps(model, metrics, steps, num_samples=num_samples, batch_size=batch_size,
+                             config=config)
+    files = write_report(rows, {f"vanilla {p.label}": grid.samples(p) for p in grid.points},
+                         Path(out_dir), extra_rows=[recon])
+    print(format_table(rows))
+    print(f"tokenizer reconstruction: {recon[grid.metrics[0].feature_name]:.2f} "
+          f"(PSNR {recon['psnr_db']:.2f} dB, class accuracy {recon['class_accuracy']:.3f})")
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return rows + [recon]
 
 
-def bench(batch_size: int = 64, repeats: int = 10, base: str = "base.pt", tokenizer: str = "tokenizer.pt",
-          out: Path = Path("runs/bench/step_costs.json")) -> dict:
-    """Time one generation step's parts (base features, head + sampler, decode) and write JSON.
+def bench(batch_size: int = 64, repeats: int = 5, steps: int = 32, budgets: list[int] = [4, 8],
+          trajectories: Path | None = Path("runs/trajectories/tiny"), base: str = "base.pt",
+          tokenizer: str = "tokenizer.pt", shortcut: str = "shortcut.pt",
+          out: Path = Path("runs/bench/bench.json")) -> dict:
+    """Speed and size numbers: per-call costs, end-to-end speedup, collection and loader rates.
 
     Args:
-        batch_size: images per call (the base sees 2x rows with CFG).
-        repeats: timed repeats after one warm-up; the median is reported.
+        batch_size: images per generation call (the networks see 2x rows with CFG).
+        repeats: timed repeats after one warm-up; medians are reported.
+        steps: N for the end-to-end table (vanilla N vs shortcut N/B).
+        budgets: the budgets B of the end-to-end table.
+        trajectories: a recorded shard directory for the data numbers (skipped if absent).
         base: base model weights.
         tokenizer: tokenizer weights.
+        shortcut: shortcut weights (an untrained network of the default shape if absent: same cost).
         out: where the JSON is written.
     """
     import json
 
-    from migm.evaluation.bench import step_costs
+    from migm.evaluation.bench import end_to_end, shortcut_costs, step_costs
     from migm.models.assets import atomic_write_bytes
 
-    costs = step_costs(_load_base(base, tokenizer), batch_size=batch_size, repeats=repeats)
-    atomic_write_bytes(Path(out), lambda tmp: tmp.write_text(json.dumps(costs, indent=2) + "\n"))
-    for key, value in costs.items():
-        print(f"{key:>22}: {value:.2f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    model = _load_base(base, tokenizer)
+    net = _shortcut_or_default(shortcut, model)
+    results = {"step_costs": step_costs(model, batch_size=batch_size, repeats=repeats),
+               "shortcut_vs_base": shortcut_costs(model, net, batch_size=batch_size, repeats=repeats),
+               "end_to_end": end_to_end(model, net, steps, budgets, batch_size=batch_size, repeats=repeats)}
+    if trajectories is not None and (Path(trajectories) / "manifest.json").exists():
+        results["data"] = _data_bench(Path(trajectories), Path(out).parent, base, tokenizer)
+    atomic_write_bytes(Path(out), lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    for section, values in results.items():
+        print(f"[{section}]")
+        for row in values if isinstance(values, list) else [values]:
+            print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"wrote {out}")
-    return costs
+    return results
+
+
+def _shortcut_or_default(name: str, model):
+    from migm.models.assets import ASSET_DIR
+    from migm.shortcut.module import load_shortcut
+    from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
+    if (ASSET_DIR / name).exists() or Path(name).exists():
+        return load_shortcut(name).eval()
+    return ShortcutNetwork(ShortcutConfig(feature_dim=model.feature_dim, vocab_size=model.vocab_size,
+                                          num_tokens=model.num_tokens)).eval()
+
+
+def _data_bench(source: Path, work: Path, base: str, tokenizer: str) -> list[dict]:
+    """Collection rate, then size and loader rate (0 and 2 workers) per compression."""
+    import json
+
+    from migm.data.collection import CollectionModule
+    from migm.data.throughput import (
+        bytes_per_trajectory,
+        collection_rate,
+        loader_rate,
+        recompress,
+        shortcut_step_rate,
+    )
+    from migm.shortcut.module import ShortcutModule
+
+    manifest_steps = json.loads((source / "manifest.json").read_text())["schema"]["steps"]
+    rows = [{"collection_trajectories_per_s": collection_rate(
+        CollectionModule(base=base, tokenizer=tokenizer, steps=manifest_steps)), "steps": manifest_steps}]
+    module = ShortcutModule(base=base, tokenizer=tokenizer)
+    rows.append({"shortcut_train_step_samples_per_s": shortcut_step_rate(module, [source])})
+    for compression in (None, "lzf", "gzip"):
+        d = recompress(source, work / f"shards_{compression or 'none'}", compression)
+        rows.append({"compression": compression or "none", "bytes_per_trajectory": bytes_per_trajectory([d]),
+                     "loader_samples_per_s_0_workers": loader_rate([d], num_workers=0),
+                     "loader_samples_per_s_2_workers": loader_rate([d], num_workers=2)})
+    return rows

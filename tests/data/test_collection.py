@@ -14,7 +14,7 @@ from migm.data.trajectories import open_shard, x_at_step
 def _config(tmp_path, base="base.pt", **data) -> str:
     cfg = yaml.safe_load((REPO_ROOT / "configs/collect_tiny.yaml").read_text())
     cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(tmp_path / "traj"), batches_per_shard=2)
-    cfg["trainer"]["enable_progress_bar"] = False
+    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path / "traj"))
     cfg["model"]["init_args"].update(steps=4, base=base)
     cfg["data"]["init_args"].update(num_trajectories=10, batch_size=3, **data)
     path = tmp_path / "collect.yaml"

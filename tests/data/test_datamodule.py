@@ -86,3 +86,15 @@ def test_bad_shard_sets_name_the_file_and_field(small_migm, shard_dir, tmp_path)
     with pytest.raises(ShardError, match="shard-001-00000.h5: not a readable HDF5 file"):
         scan_shards([shard_dir])
     assert manifest["trajectories"] == 8
+
+
+def test_throughput_helpers_recompress_losslessly_and_read(shard_dir, tmp_path):
+    from migm.data.throughput import bytes_per_trajectory, loader_rate, recompress
+    for compression in ("lzf", "gzip"):
+        copy = recompress(shard_dir, tmp_path / compression, compression)
+        for name in ("shard-000-00000.h5", "shard-001-00000.h5"):
+            with h5py.File(shard_dir / name) as a, h5py.File(copy / name) as b:
+                assert b["features"].compression == compression
+                np.testing.assert_array_equal(a["features"][:], b["features"][:])
+        assert bytes_per_trajectory([copy]) > 0
+    assert loader_rate([shard_dir], batch_size=4, max_batches=3) > 0

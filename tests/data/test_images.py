@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from migm.data.images import (DatasetMissingError, ImageDataModule, load_fashion_mnist,
-                              load_mnist_digits_json, to_model_range, to_uint8)
+from migm.data.images import (
+    DatasetMissingError,
+    ImageDataModule,
+    load_fashion_mnist,
+    load_mnist_digits_json,
+    to_model_range,
+    to_uint8,
+)
 
 
 def _write_idx(path, array: np.ndarray) -> None:

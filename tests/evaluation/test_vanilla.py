@@ -3,6 +3,7 @@
 
 from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.features import ClassifierFeatures, load_classifier
+from migm.evaluation.grid import GridConfig
 from migm.evaluation.quality import QualityMetrics
 from migm.evaluation.vanilla import balanced_conditions, score_steps
 
@@ -17,8 +18,10 @@ def test_shipped_base_follows_the_class_and_scores_far_from_noise(shipped_migm):
     images, _ = load_fashion_mnist("test")
     metrics.add_real(to_model_range(images[:5000]))
     rows, _ = score_steps(shipped_migm, metrics, [4, 16], num_samples=400, batch_size=200,
-                          latency_batch=8, latency_repeats=1)
+                          config=GridConfig(latency_batch=8, latency_repeats=1))
     for r in rows:
         assert r["class_accuracy"] >= 0.85, r          # the classifier's own test accuracy: 0.898
         assert r["fid_classifier"] < 200, r            # uniform noise scores ~1900 here
-        assert r["base_calls_per_batch"] == r["steps"]
+        assert r["base_calls"] == r["steps"] and r["shortcut_calls"] == 0
+        assert r["num_samples"] == 400
+    assert rows[1]["speedup"] == 1.0 and rows[0]["speedup"] > 1.5     # N=16 is the reference

@@ -3,7 +3,14 @@ import shutil
 import pytest
 import torch
 
-from migm.models.assets import ASSET_DIR, CheckpointError, load_checkpoint, read_manifest, save_checkpoint, sha256
+from migm.models.assets import (
+    ASSET_DIR,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+    sha256,
+)
 from migm.models.tiny import load_tokenizer
 
 

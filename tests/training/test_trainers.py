@@ -4,8 +4,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from migm.data.images import load_fashion_mnist, to_model_range
 from migm.commands import export
+from migm.data.images import load_fashion_mnist, to_model_range
 from migm.models.tiny import load_tokenizer, load_transformer
 from migm.models.transformer import TransformerConfig
 from migm.training.maskgit import MaskGITModule, random_mask

@@ -9,6 +9,7 @@ generalisation to unseen generations. HDF5 handles open lazily in whichever proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ import h5py
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from migm.data.trajectories import ShardError, ShardSchema, open_shard
 
@@ -108,16 +109,34 @@ class TrajectoryDataset(Dataset):
         return state
 
 
+def manifest_hash(dirs: list[str | Path]) -> str:
+    """sha256 over the manifests of `dirs`: names the exact training data in a run's config."""
+    digest = hashlib.sha256()
+    for d in dirs:
+        digest.update((Path(d) / "manifest.json").read_bytes())
+    return digest.hexdigest()[:16]
+
+
 class TrajectoryDataModule(L.LightningDataModule):
+    """fit/validate: trajectories from shard directories. test: the evaluation conditions (classes
+    cycling 0..C-1, one seed per batch), so `test` needs no shards."""
+
     def __init__(self, dirs: list[str], val_fraction: float = 0.1, batch_size: int = 256,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, test_samples: int = 1000,
+                 test_batch_size: int = 250, num_classes: int = 10) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
+        self.schema: ShardSchema | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        if stage in ("test", "predict"):
+            return
         self.schema, shards = scan_shards(self.hparams.dirs)
+        self.manifest_sha256 = manifest_hash(self.hparams.dirs)
+        for logger in (self.trainer.loggers if self.trainer else []):     # the run names its data
+            logger.log_hyperparams({"data_manifest_sha256": self.manifest_sha256})
         total = sum(n for _, n in shards)
         order = np.random.default_rng(self.hparams.seed).permutation(total)
         n_val = max(1, int(round(total * self.hparams.val_fraction)))
@@ -127,13 +146,24 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.train_set = TrajectoryDataset(self.schema, shards, np.sort(order[n_val:]))
         self.val_set = TrajectoryDataset(self.schema, shards, np.sort(order[:n_val]))
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
+    def _loader(self, ds: Dataset, sampler: DistributedSampler | None = None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # A seeded DistributedSampler even on one process: Lightning sets its epoch, so epoch e
+        # has the same order whether or not training was resumed (exact resume at epoch ends).
+        trainer = self.trainer
+        sampler = DistributedSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=True,
+                                     seed=self.hparams.seed)
+        return self._loader(self.train_set, sampler)
+
+    def test_dataloader(self) -> DataLoader:
+        from migm.data.collection import ConditionDataset
+        ds = ConditionDataset(self.hparams.test_samples, self.hparams.num_classes)
+        return DataLoader(ds, batch_size=self.hparams.test_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)

@@ -57,7 +57,7 @@ class ShardSchema:
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def from_attrs(cls, attrs, path: Path) -> "ShardSchema":
+    def from_attrs(cls, attrs, path: Path) -> ShardSchema:
         values = {}
         for name in cls.__dataclass_fields__:
             if name not in attrs:
@@ -67,7 +67,7 @@ class ShardSchema:
                 value.item() if hasattr(value, "item") else value)
         return cls(**values)
 
-    def mismatch(self, other: "ShardSchema") -> list[str]:
+    def mismatch(self, other: ShardSchema) -> list[str]:
         a, b = asdict(self), asdict(other)
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
 

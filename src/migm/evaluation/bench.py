@@ -35,3 +35,42 @@ def step_costs(model, batch_size: int = 64, repeats: int = 10, seed: int = 0) ->
                                      repeats=repeats).ms_per_batch,
     }
     return {"batch_size": B, "threads": torch.get_num_threads(), **costs}
+
+
+@torch.no_grad()
+def shortcut_costs(model, shortcut, batch_size: int = 64, repeats: int = 5, seed: int = 0) -> dict:
+    """Parameters and ms per call of the base features and of the shortcut on the same grid."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 2 * batch_size                                                    # both CFG branches
+    tokens = torch.randint(0, model.vocab_size, (rows, model.num_tokens), generator=g)
+    masked = torch.rand(rows, model.num_tokens, generator=g) < 0.5
+    new = (torch.rand(rows, model.num_tokens, generator=g) < 0.06) & ~masked
+    tokens = tokens.masked_fill(masked, model.mask_id)
+    cond = torch.arange(rows) % model.num_classes
+    feats = model.features(tokens, cond)
+    t = torch.full((rows,), 0.5)
+    base_ms = measure_latency(lambda: model.features(tokens, cond), 1, repeats=repeats).ms_per_batch
+    short_ms = measure_latency(lambda: shortcut(feats, tokens, new, t), 1, repeats=repeats).ms_per_batch
+    base_params = sum(p.numel() for p in model.transformer.parameters())
+    short_params = sum(p.numel() for p in shortcut.parameters())
+    return {"rows": rows, "base_params": base_params, "shortcut_params": short_params,
+            "param_ratio": base_params / short_params, "base_call_ms": base_ms,
+            "shortcut_call_ms": short_ms, "call_speed_ratio": base_ms / short_ms}
+
+
+def end_to_end(model, shortcut, steps: int, budgets: list[int], batch_size: int = 64,
+               repeats: int = 5) -> list[dict]:
+    """Latency per image of vanilla N and shortcut N/B (decode included), one process."""
+    from migm.evaluation.grid import GridPoint, make_source
+    from migm.sampling.loop import generate
+
+    cond = torch.arange(batch_size) % model.num_classes
+    points = [GridPoint("vanilla", steps)] + [GridPoint("shortcut", steps, b) for b in budgets]
+    rows = []
+    for p in points:
+        run = lambda: model.decode(generate(model, make_source(model, p, shortcut), cond, steps).tokens)
+        rows.append({"config": f"{p.method} {p.label}",
+                     "ms_per_image": measure_latency(run, batch_size, repeats=repeats).ms_per_image})
+    for r in rows:
+        r["speedup"] = rows[0]["ms_per_image"] / r["ms_per_image"]
+    return rows

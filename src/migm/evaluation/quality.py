@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from migm.models.assets import atomic_write_bytes
@@ -23,8 +24,15 @@ class QualityMetrics(nn.Module):
         self.feature_name = getattr(feature, "name", "fid")
         self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True)
         self.classifier = classifier
-        self.correct = 0
-        self.seen = 0
+        self.accuracy = MeanMetric()      # torchmetrics states: summed over DDP ranks on compute
+        self.count = SumMetric()
+
+    def clone(self) -> QualityMetrics:
+        """An empty accumulator with the same reference statistics, sharing the networks."""
+        other = QualityMetrics(self.fid.inception, self.classifier).to(self.fid.real_features_sum.device)
+        for name in self._REAL_STATES:
+            setattr(other.fid, name, getattr(self.fid, name).clone())
+        return other
 
     @torch.no_grad()
     def add_real(self, images: torch.Tensor, batch_size: int = 500) -> None:
@@ -35,9 +43,9 @@ class QualityMetrics(nn.Module):
     @torch.no_grad()
     def add_fake(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         self.fid.update(images, real=False)
+        self.count.update(len(images))
         if self.classifier is not None and labels is not None:
-            self.correct += int((self.classifier(images).argmax(-1) == labels).sum())
-            self.seen += len(labels)
+            self.accuracy.update((self.classifier(images).argmax(-1) == labels).float())
 
     _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -59,12 +67,12 @@ class QualityMetrics(nn.Module):
             setattr(self.fid, name, states[name])
 
     def compute(self) -> dict[str, float]:
-        out = {self.feature_name: float(self.fid.compute())}
-        if self.seen:
-            out["class_accuracy"] = self.correct / self.seen
+        out = {self.feature_name: float(self.fid.compute()), "num_samples": int(self.count.compute())}
+        if self.classifier is not None:
+            out["class_accuracy"] = float(self.accuracy.compute())
         return out
 
     def reset(self) -> None:
         """Forget generated samples; keep the reference statistics."""
-        self.fid.reset()
-        self.correct = self.seen = 0
+        for metric in (self.fid, self.accuracy, self.count):
+            metric.reset()

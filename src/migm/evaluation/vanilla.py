@@ -1,22 +1,17 @@
 """Scores vanilla generation of a base model at several step counts: the reference curve.
 
-Every configuration uses the same conditions (balanced classes) and the same seeds, so rows
-differ only by N. Latency is measured in the same process, on the same batch size, after warm-up.
+It is the evaluation grid with vanilla rows only, so `evaluate` and `test` share one code path:
+the same conditions (balanced classes), the same seeds, the same latency protocol.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict
-from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
 from migm.data.images import load_fashion_mnist, to_model_range
-from migm.evaluation.latency import measure_latency
+from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.quality import QualityMetrics
-from migm.sampling.loop import VanillaSource, generate
-from migm.sampling.sampler import SamplerConfig
 from migm.training.tokenizer import psnr
 
 
@@ -24,39 +19,21 @@ def balanced_conditions(num_samples: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_samples) % num_classes
 
 
-def score_steps(model, metrics: QualityMetrics, steps_list: Iterable[int], *, num_samples: int = 1000,
-                batch_size: int = 250, seed: int = 0, schedule: str = "arccos",
-                sampler: SamplerConfig | None = None, latency_batch: int = 64,
-                latency_repeats: int = 3, keep: int = 0) -> tuple[list[dict], dict[int, torch.Tensor]]:
-    """Returns one result row per N, and the first `keep` images generated at each N."""
-    sampler = sampler or SamplerConfig()
-    cond = balanced_conditions(num_samples, model.num_classes)
-    rows, kept = [], {}
-    for steps in steps_list:
-        metrics.reset()
-        source = VanillaSource(model)
-        images_kept, calls = [], 0
-        for b, chunk in enumerate(tqdm(cond.split(batch_size), desc=f"vanilla N={steps}", leave=False)):
-            result = generate(model, source, chunk, steps, schedule=schedule, sampler=sampler, seed=seed + b)
-            images = model.decode(result.tokens)
-            metrics.add_fake(images, chunk)
-            calls += result.counts["base_calls"]
-            if sum(len(x) for x in images_kept) < keep:
-                images_kept.append(images)
-        lat_cond = cond[:latency_batch]
-        latency = measure_latency(
-            lambda: model.decode(generate(model, VanillaSource(model), lat_cond, steps,
-                                          schedule=schedule, sampler=sampler, seed=seed).tokens),
-            batch_size=len(lat_cond), repeats=latency_repeats)
-        row = {"method": "vanilla", "steps": steps, "budget": steps, "num_samples": num_samples,
-               "seed": seed, "schedule": schedule, **asdict(sampler), **metrics.compute(),
-               "base_calls_per_batch": calls // len(cond.split(batch_size)),
-               "latency_ms_per_image": latency.ms_per_image, "latency_batch": latency.batch_size,
-               "threads": latency.threads}
-        rows.append(row)
-        if keep:
-            kept[steps] = torch.cat(images_kept)[:keep]
-    return rows, kept
+def run_grid(grid: EvaluationGrid, num_samples: int, batch_size: int) -> list[dict]:
+    """Feed `num_samples` balanced conditions in batches (seed = grid seed + first index)."""
+    cond = balanced_conditions(num_samples, grid.model.num_classes)
+    for start in tqdm(range(0, num_samples, batch_size), desc="generating", unit="batch"):
+        grid.update(cond[start:start + batch_size], seed=grid.config.seed + start)
+    return grid.compute(progress=lambda points: tqdm(points, desc="latency", unit="config"))
+
+
+def score_steps(model, metrics: QualityMetrics, steps: list[int], *, num_samples: int = 1000,
+                batch_size: int = 250, config: GridConfig | None = None) -> tuple[list[dict], EvaluationGrid]:
+    """Vanilla rows at every N in `steps` (speedups relative to the largest N)."""
+    config = config or GridConfig()
+    config.vanilla_steps, config.reference_steps = list(steps), max(steps)
+    grid = EvaluationGrid(model, None, metrics, config)
+    return run_grid(grid, num_samples, batch_size), grid
 
 
 def reconstruction_row(model, metrics, num_samples: int) -> dict:
@@ -67,6 +44,5 @@ def reconstruction_row(model, metrics, num_samples: int) -> dict:
     metrics.reset()
     recon = torch.cat([model.decode(model.tokenizer.encode(chunk)) for chunk in x.split(500)])
     metrics.add_fake(recon, labels[:num_samples])
-    return {"method": "reconstruction", "num_samples": num_samples,
-            "psnr_db": float(psnr(recon, x).mean()), **metrics.compute()}
-
+    return {"method": "reconstruction", "label": "tokenizer", "psnr_db": float(psnr(recon, x).mean()),
+            **metrics.compute()}

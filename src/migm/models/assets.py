@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def load_checkpoint(name_or_path: str | Path, kind: str, asset_dir: Path = ASSET
                 "`git checkout -- src/migm/assets` or rebuild with `make base`.")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+    except Exception as err:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
     if not isinstance(blob, dict) or blob.get("kind") != kind:
         got = blob.get("kind") if isinstance(blob, dict) else type(blob).__name__

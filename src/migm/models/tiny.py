@@ -40,7 +40,7 @@ class TinyMIGM(nn.Module):
 
     @classmethod
     def from_assets(cls, base: str | Path = "base.pt", tokenizer: str | Path = "tokenizer.pt",
-                    asset_dir: str | Path = ASSET_DIR) -> "TinyMIGM":
+                    asset_dir: str | Path = ASSET_DIR) -> TinyMIGM:
         return cls(load_transformer(base, Path(asset_dir)), load_tokenizer(tokenizer, Path(asset_dir)))
 
     # --- geometry -------------------------------------------------------------------------------
@@ -86,6 +86,10 @@ class TinyMIGM(nn.Module):
 
     def token_embedding(self) -> nn.Embedding:
         return self.transformer.tok_emb
+
+    def position_embedding(self) -> torch.Tensor:
+        """(L, D) learned position table."""
+        return self.transformer.pos_emb[0]
 
     def layers(self) -> nn.ModuleList:
         return self.transformer.blocks

@@ -8,8 +8,9 @@ how f_i is obtained, so speed and quality comparisons run on exactly the same co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 

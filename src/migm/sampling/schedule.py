@@ -7,7 +7,7 @@ ceil(L*gamma(t_{i-1})) - ceil(L*gamma(t_i)) tokens, so exactly L are revealed af
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

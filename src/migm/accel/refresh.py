@@ -1,0 +1,46 @@
+"""Refresh plans: at which of the N steps an accelerator calls the full base model.
+
+The paper's plan is uniform: with budget B the base runs at steps 1 + floor(jN/B), j = 0..B-1,
+so step 1 (the all-mask grid, where there is no previous feature to extrapolate) always gets the
+base. A plan is its own small object so other schedules (front-loaded, adaptive) slot in later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RefreshPlan:
+    """The set of steps (1-based) at which the base model runs."""
+
+    steps: int
+    base_steps: frozenset[int]
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if 1 not in self.base_steps:
+            raise ValueError(f"the base must run at step 1 (no features exist before it); got "
+                             f"{sorted(self.base_steps)}")
+        outside = [s for s in self.base_steps if not 1 <= s <= self.steps]
+        if outside:
+            raise ValueError(f"base steps {sorted(outside)} lie outside 1..{self.steps}")
+
+    @classmethod
+    def uniform(cls, steps: int, budget: int) -> RefreshPlan:
+        """The paper's plan: base at 1 + floor(j * N / B) for j = 0..B-1."""
+        if not 1 <= budget <= steps:
+            raise ValueError(f"budget B must satisfy 1 <= B <= N={steps}, got {budget}")
+        return cls(steps, frozenset(1 + (j * steps) // budget for j in range(budget)))
+
+    @classmethod
+    def explicit(cls, steps: int, base_steps: list[int]) -> RefreshPlan:
+        return cls(steps, frozenset(base_steps))
+
+    @property
+    def budget(self) -> int:
+        return len(self.base_steps)
+
+    def uses_base(self, step: int) -> bool:
+        return step in self.base_steps

@@ -1,0 +1,42 @@
+"""The shortcut as a feature source for the shared generation loop (paper Sec. 3.5).
+
+At the plan's base steps f_i comes from the base model; at every other step it is extrapolated
+from the previous step's features and the tokens that step decoded: f_i = f_{i-1} + S(f_{i-1},
+new tokens, t_{i-1}). Both CFG branches take the same path, so guidance sees consistent features.
+The shortcut may have been trained on trajectories of another step count: it is told the time t,
+not the step index, so a model trained at N=16 runs at N=32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from migm.accel.refresh import RefreshPlan
+from migm.sampling.loop import StepContext
+from migm.shortcut.network import ShortcutNetwork
+
+
+class ShortcutSource:
+    def __init__(self, model, shortcut: ShortcutNetwork, plan: RefreshPlan) -> None:
+        if shortcut.config.feature_dim != model.feature_dim:
+            raise ValueError(f"shortcut feature_dim {shortcut.config.feature_dim} != base model "
+                             f"feature_dim {model.feature_dim}")
+        self.model, self.shortcut, self.plan = model, shortcut, plan
+        self.base_calls = self.shortcut_calls = 0
+
+    def reset(self) -> None:
+        self.base_calls = self.shortcut_calls = 0
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        if ctx.steps != self.plan.steps:
+            raise ValueError(f"refresh plan is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
+        if self.plan.uses_base(ctx.step) or ctx.prev_features is None:
+            self.base_calls += 1
+            return self.model.features(ctx.tokens, ctx.cond)
+        self.shortcut_calls += 1
+        # the grid the previous features describe is x_{i-2}; the shortcut steps it to x_{i-1}
+        t = torch.full((len(ctx.tokens),), ctx.t, device=ctx.tokens.device)
+        return self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, t)
+
+    def counts(self) -> dict[str, int]:
+        return {"base_calls": self.base_calls, "shortcut_calls": self.shortcut_calls}

@@ -1,0 +1,55 @@
+"""Runs a small evaluation grid during `fit`, so the training run shows FID and latency at a few
+budgets over time, not only the regression loss."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from migm.evaluation.grid import EvaluationGrid, GridConfig
+from migm.evaluation.report import finish_evaluation
+
+
+def small_grid() -> GridConfig:
+    return GridConfig(vanilla_steps=[8, 16], shortcut_steps=[16], budgets=[4, 8], reference_steps=16,
+                      latency_batch=32, latency_repeats=1, keep_images=10)
+
+
+class EvaluationCallback(Callback):
+    def __init__(self, every_n_epochs: int = 1, num_samples: int = 200, batch_size: int = 100,
+                 grid: GridConfig | None = None, features: str = "classifier",
+                 classifier: str = "classifier.pt", reference_samples: int = 10000) -> None:
+        """
+        Args:
+            every_n_epochs: evaluate after every k-th training epoch.
+            num_samples: images per configuration, split over ranks.
+            batch_size: generation batch size.
+            grid: configurations to run (default: vanilla N=8,16; shortcut N=16 at B=4,8).
+            features: FID feature space (classifier or inception).
+            classifier: classifier weights.
+            reference_samples: test images in the FID reference.
+        """
+        self.every, self.num_samples, self.batch_size = every_n_epochs, num_samples, batch_size
+        self.grid = grid or small_grid()
+        self.features, self.classifier, self.reference_samples = features, classifier, reference_samples
+        self._metrics = None
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every or trainer.sanity_checking:
+            return
+        from migm.evaluation.setup import quality_metrics
+        if self._metrics is None:
+            self._metrics = quality_metrics(self.features, self.classifier, self.reference_samples,
+                                            pl_module.device)
+        base = pl_module.base
+        grid = EvaluationGrid(base, pl_module.ema, self._metrics, self.grid).to(pl_module.device)
+        # rank r takes batches r, r + W, ...: every rank works, FID is synchronised on compute
+        starts = range(trainer.global_rank * self.batch_size, self.num_samples,
+                       trainer.world_size * self.batch_size)
+        for start in starts:
+            index = torch.arange(start, min(start + self.batch_size, self.num_samples))
+            grid.update((index % base.num_classes).to(pl_module.device), seed=self.grid.seed + start)
+        out = f"{trainer.default_root_dir}/fit_eval/epoch_{trainer.current_epoch:03d}"
+        finish_evaluation(grid, trainer, out, prefix="fit_eval")

@@ -1,0 +1,127 @@
+"""Turns an evaluation grid's rows into what people look at: a table, a Pareto plot, sample grids,
+and the same things in every attached logger (W&B tables/images, CSV metrics)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from migm.evaluation.images import image_grid
+from migm.models.assets import atomic_write_bytes
+
+
+def fid_key(rows: list[dict]) -> str:
+    return next(k for k in rows[0] if k.startswith("fid_"))
+
+
+def pareto_front(rows: list[dict], x: str, y: str) -> list[int]:
+    """Indices of rows no other row beats on both x and y (lower is better for both)."""
+    return [i for i, r in enumerate(rows)
+            if not any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y]) for o in rows)]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_pareto(rows: list[dict], path: Path, x: str = "latency_ms_per_image") -> Path:
+    """Latency vs FID, one line per (method, N), the frontier over all rows ringed, points labelled."""
+    plt = _pyplot()
+    y = fid_key(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, list[dict]] = {}
+    for r in rows:
+        lines.setdefault((r["method"],) if r["method"] == "vanilla" else (r["method"], r["steps"]), []).append(r)
+    for key, pts in lines.items():
+        pts = sorted(pts, key=lambda r: r[x])
+        name = "vanilla (N varies)" if key == ("vanilla",) else f"{key[0]} N={key[1]} (B varies)"
+        ax.plot([r[x] for r in pts], [r[y] for r in pts], marker="o", label=name)
+        for r in pts:
+            ax.annotate(r["label"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = [rows[i] for i in pareto_front(rows, x, y)]
+    ax.scatter([r[x] for r in front], [r[y] for r in front], s=160, facecolors="none",
+               edgecolors="black", label="Pareto frontier")
+    ax.set_xlabel("latency per image (ms)")
+    ax.set_ylabel(y.replace("fid_", "FID (") + " features)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_side_by_side(samples: dict[str, torch.Tensor], path: Path, per_row: int = 10) -> Path:
+    """One row per configuration (same seeds and conditions in every row), labelled."""
+    plt = _pyplot()
+    labels = list(samples)
+    grid = image_grid(torch.cat([samples[k][:per_row] for k in labels]), rows=len(labels))
+    fig, ax = plt.subplots(figsize=(per_row * 0.6 + 1.2, len(labels) * 0.6 + 0.3))
+    ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255)
+    h = grid.shape[0] / len(labels)
+    ax.set_yticks([h * (k + 0.5) for k in range(len(labels))], labels, fontsize=7)
+    ax.set_xticks([])
+    fig.tight_layout()
+    atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def format_table(rows: list[dict]) -> str:
+    y = fid_key(rows)
+    head = f"{'config':>16} {y:>15} {'class acc':>9} {'ms/img':>8} {'speedup':>8} {'ideal':>6} {'calls b/s':>9}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['method'][:8] + ' ' + r['label']:>16} {r[y]:>15.2f} {r.get('class_accuracy', float('nan')):>9.3f} "
+                     f"{r['latency_ms_per_image']:>8.2f} {r['speedup']:>8.2f} {r['ideal_speedup']:>6.2f} "
+                     f"{r['base_calls']:>4}/{r['shortcut_calls'] or 0:<4}")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], samples: dict[str, torch.Tensor], out_dir: Path,
+                 extra_rows: list[dict] = ()) -> dict[str, Path]:
+    """results.jsonl (grid rows, then `extra_rows` such as the tokenizer's reconstruction, which
+    have no latency), pareto.png and samples.png under `out_dir`."""
+    out_dir = Path(out_dir)
+    text = "".join(json.dumps(r) + "\n" for r in [*rows, *extra_rows])
+    atomic_write_bytes(out_dir / "results.jsonl", lambda tmp: tmp.write_text(text))
+    return {"results": out_dir / "results.jsonl", "pareto": plot_pareto(rows, out_dir / "pareto.png"),
+            "samples": plot_side_by_side(samples, out_dir / "samples.png")}
+
+
+def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, prefix: str = "eval") -> None:
+    """Scalars per configuration go to every logger (W&B history, CSV); W&B also gets the table,
+    the Pareto plot and the sample grid as images."""
+    y = fid_key(rows)
+    scalars = {}
+    for r in rows:
+        key = f"{prefix}/{r['method']}_{r['label'].replace('/', '_')}"
+        for name in (y, "class_accuracy", "latency_ms_per_image", "speedup"):
+            if r.get(name) is not None:
+                scalars[f"{key}/{name}"] = r[name]
+    for logger in loggers:
+        logger.log_metrics(scalars, step=step)
+        if hasattr(logger, "log_table"):                       # WandbLogger
+            columns = list(rows[0])
+            logger.log_table(key=f"{prefix}/results", columns=columns,
+                             data=[[r.get(c) for c in columns] for r in rows], step=step)
+            logger.log_image(key=f"{prefix}/pareto", images=[str(files["pareto"])], step=step)
+            logger.log_image(key=f"{prefix}/samples", images=[str(files["samples"])], step=step)
+
+
+def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "eval") -> list[dict]:
+    """Compute the grid's rows (collective over ranks), then write and log them on rank 0."""
+    rows = grid.compute()
+    if trainer.is_global_zero:
+        out = Path(out_dir) if out_dir else Path(trainer.default_root_dir) / prefix
+        samples = {f"{p.method} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}
+        files = write_report(rows, samples, out)
+        log_report(rows, files, trainer.loggers, trainer.global_step, prefix)
+        print(format_table(rows))
+        print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return rows

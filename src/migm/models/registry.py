@@ -1,0 +1,36 @@
+"""Which base MIGM a config names, and where its weights come from.
+
+The embedded default (`tiny`) ships inside the package. Real models are loaded from local paths
+only (nothing is downloaded at run time); when a file is missing the error says which one and
+how to obtain it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from migm.models.assets import CheckpointError
+
+BaseKind = Literal["tiny", "maskgit", "dimoo"]
+
+HOW_TO_GET = {
+    "maskgit": "MaskGIT (Besnier & Chen 2023): download the ImageNet-512 transformer checkpoint and its "
+               "VQGAN from the releases listed in the valeoai/Maskgit-pytorch README, then pass their "
+               "local paths as --model.init_args.base and --model.init_args.tokenizer",
+    "dimoo": "Lumina-DiMOO: download the checkpoint directory named in the Alpha-VLLM/Lumina-DiMOO "
+             "README (it holds config.json and the safetensors shards), then pass it as "
+             "--model.init_args.base",
+}
+
+
+def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path):
+    """The base model behind the protocol the loop and the accelerators use (see models/tiny.py)."""
+    if kind == "tiny":
+        from migm.models.tiny import TinyMIGM
+        return TinyMIGM.from_assets(base, tokenizer)
+    missing = [str(p) for p in (base, tokenizer) if p and not Path(p).exists()]
+    if missing:
+        raise CheckpointError(f"{kind} base model: {', '.join(missing)} not found. {HOW_TO_GET[kind]}.")
+    raise NotImplementedError(f"the {kind} adapter (models/{kind}.py) is not written yet: only the "
+                              "embedded default runs end to end; see the README's roadmap")

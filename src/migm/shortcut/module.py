@@ -1,0 +1,171 @@
+"""Trains the shortcut on recorded trajectories (paper Sec. 3.4) and evaluates it (`test`).
+
+fit: loss = MSE(f_i + S(f_i, new tokens, t_i), f_{i+1}) with the base model frozen (only its head
+is used, for diagnostics). An EMA copy of the shortcut is what validation, test and export use.
+test: an evaluation grid (vanilla at several N, shortcut at several (N, B)) on the same seeds and
+conditions, FID synchronised over ranks, latency measured in one process; see evaluation/grid.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from migm.evaluation.grid import EvaluationGrid, GridConfig
+from migm.models.registry import BaseKind, load_base
+from migm.shortcut.metrics import StepwiseMeans, relative_error, step_diagnostics
+from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
+from migm.training.schedule import configure
+
+
+def load_shortcut(name_or_path: str | Path) -> ShortcutNetwork:
+    from migm.models.assets import load_module
+    return load_module(name_or_path, "shortcut", lambda c: ShortcutNetwork(ShortcutConfig(**c)))
+
+
+class ShortcutModule(L.LightningModule):
+    def __init__(self, network: ShortcutConfig | None = None, base_kind: BaseKind = "tiny",
+                 base: str = "base.pt", tokenizer: str = "tokenizer.pt", lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 100, ema_decay: float = 0.995,
+                 loss_on: Literal["all", "masked"] = "masked", init_embeddings: bool = True,
+                 evaluation: GridConfig | None = None,
+                 features: Literal["classifier", "inception"] = "classifier",
+                 classifier: str = "classifier.pt", reference_samples: int = 10000,
+                 test_weights: str | None = "shortcut.pt", out_dir: str | None = None) -> None:
+        """
+        Args:
+            network: the shortcut's architecture (bottleneck ratio, blocks, heads, ablations).
+            base_kind: which base MIGM adapter (tiny = the embedded default).
+            base: base model weights (asset name or path); frozen, never trained here.
+            tokenizer: tokenizer weights, for decoding images in `test`.
+            lr: AdamW peak learning rate (linear warm-up, cosine decay over the planned steps).
+            weight_decay: AdamW weight decay on matrices.
+            warmup_steps: warm-up length in optimizer steps.
+            ema_decay: decay of the weight average used by validation, test and export.
+            loss_on: positions the MSE covers: all, or those still masked after the step (the
+                only ones whose logits are sampled again).
+            init_embeddings: start the shortcut's token/position tables from the base model's.
+            evaluation: the grid `test` runs (and its sampler settings).
+            features: FID feature space: the shipped classifier or TF-FID InceptionV3.
+            classifier: classifier weights (class accuracy; FID features when features=classifier).
+            reference_samples: test-split images used as the FID reference.
+            test_weights: shortcut weights `test` evaluates when no --ckpt_path is given.
+            out_dir: where `test` writes results.jsonl, plots and grids (default: <root>/eval).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.network = ShortcutNetwork(network or ShortcutConfig())
+        self.ema = copy.deepcopy(self.network).eval().requires_grad_(False)
+        self.evaluation = evaluation or GridConfig()
+        self._base = None            # loaded on first use: building the module reads no file
+
+    # --- the frozen base model ------------------------------------------------------------------
+    @property
+    def base(self):
+        if self._base is None:
+            base = load_base(self.hparams.base_kind, self.hparams.base, self.hparams.tokenizer)
+            # set past nn.Module's __setattr__: not a submodule, so it stays out of checkpoints
+            object.__setattr__(self, "_base", base.requires_grad_(False).eval())
+        if next(self._base.parameters()).device != self.device:     # follows the module to a GPU
+            self._base.to(self.device)
+        return self._base
+
+    def setup(self, stage: str) -> None:
+        schema = getattr(self.trainer.datamodule, "schema", None) if self.trainer else None
+        if schema is not None:
+            self._check_schema(schema)
+        if stage == "fit" and self.hparams.init_embeddings:
+            self.network.init_from_base(self.base.token_embedding().weight, self.base.position_embedding())
+            self.ema.load_state_dict(self.network.state_dict())
+
+    def _check_schema(self, schema) -> None:
+        c, base = self.network.config, self.base
+        wanted = {"feature_dim": (c.feature_dim, base.feature_dim), "num_tokens": (c.num_tokens, base.num_tokens),
+                  "vocab_size": (c.vocab_size, base.vocab_size), "mask_id": (base.mask_id, base.mask_id)}
+        bad = [f"{k}: shards have {getattr(schema, k)}, network/base expect {v[0]}"
+               for k, v in wanted.items() if getattr(schema, k) != v[0] or v[0] != v[1]]
+        if bad:
+            raise ValueError("trajectory shards do not fit this shortcut: " + "; ".join(bad))
+
+    # --- training -------------------------------------------------------------------------------
+    def _scope(self, batch) -> torch.Tensor:
+        if self.hparams.loss_on == "all":
+            return torch.ones_like(batch["new"])
+        return batch["tokens"] == self.base.mask_id                 # still masked after step i
+
+    def _loss(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        scope = self._scope(batch).unsqueeze(-1).float()
+        sq = F.mse_loss(pred, batch["target"], reduction="none") * scope
+        return sq.sum() / (scope.sum() * pred.shape[-1]).clamp_min(1)
+
+    def _predict(self, net: ShortcutNetwork, batch) -> torch.Tensor:
+        return net(batch["features"], batch["tokens"], batch["new"], batch["t"])
+
+    def training_step(self, batch, batch_idx):
+        pred = self._predict(self.network, batch)
+        loss = self._loss(pred, batch)
+        with torch.no_grad():
+            rel_err = relative_error(pred, batch["target"], batch["features"], self._scope(batch))
+        self.log_dict({"train/loss": loss, "train/rel_err": rel_err.mean()}, prog_bar=True)
+        return loss
+
+    def _logits(self, pred, batch):
+        return self.base.head(pred), self.base.head(batch["target"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.network.parameters()):
+                e.lerp_(p, 1 - decay)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = StepwiseMeans(self.trainer.datamodule.schema.steps)
+
+    def validation_step(self, batch, batch_idx):
+        pred = self._predict(self.ema, batch)
+        loss = self._loss(pred, batch)
+        d = step_diagnostics(pred, batch["target"], batch["features"], self._scope(batch),
+                             *self._logits(pred, batch), batch["tokens"] == self.base.mask_id)
+        self._val.update({"mse": torch.full_like(d["rel_err"], float(loss)), **d}, batch["step"])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        reduce = lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
+        values = {k: v for k, v in self._val.compute(reduce).items() if not k.startswith("mse")}
+        self.log("val/rel_err", values.pop("rel_err"), prog_bar=True, rank_zero_only=True)
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, rank_zero_only=True)
+
+    def configure_optimizers(self):
+        return configure(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["shortcut_config"] = asdict(self.network.config)
+
+    # --- test: the evaluation grid --------------------------------------------------------------
+    def on_test_start(self) -> None:
+        if self.trainer.ckpt_path is None and self.hparams.test_weights:
+            shipped = load_shortcut(self.hparams.test_weights)
+            if shipped.config != self.network.config:
+                raise ValueError(f"{self.hparams.test_weights}: shortcut config {shipped.config} differs "
+                                 f"from the configured network {self.network.config}")
+            self.ema.load_state_dict(shipped.state_dict())
+            print(f"no --ckpt_path given: evaluating the shipped {self.hparams.test_weights}")
+        from migm.evaluation.setup import quality_metrics
+        metrics = quality_metrics(self.hparams.features, self.hparams.classifier,
+                                  self.hparams.reference_samples, self.device)
+        grid = EvaluationGrid(self.base, self.ema, metrics, self.evaluation).to(self.device)
+        object.__setattr__(self, "grid", grid)        # holds the base: kept out of state_dict
+
+    def test_step(self, batch, batch_idx):
+        cond, index = batch
+        self.grid.update(cond.to(self.device), seed=self.evaluation.seed + int(index[0]))
+
+    def on_test_epoch_end(self) -> None:
+        from migm.evaluation.report import finish_evaluation
+        finish_evaluation(self.grid, self.trainer, self.hparams.out_dir)

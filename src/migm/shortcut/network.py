@@ -1,0 +1,179 @@
+"""The shortcut S: f_{i+1} = f_i + S(f_i, tokens decoded at step i, t_i)  (paper Sec. 3.3).
+
+Between two steps the base model's last-layer features move little, and what moves them is the
+handful of tokens the sampler just placed. So S reads the previous features, lets every position
+cross-attend to the newly decoded tokens (embedded with their positions), mixes the result with
+one self-attention, and writes a residual. It works inside a bottleneck (D -> D/R) because the
+change is driven by a few tokens and is therefore low-rank, and is told the time t through a
+sinusoidal embedding and adaptive layer norm, because the dynamics differ early and late.
+
+The up-projection starts at zero, so an untrained shortcut is the identity f_{i+1} = f_i: training
+starts from "features do not change" and only has to learn the correction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass
+class ShortcutConfig:
+    feature_dim: int = 192        # D of the base model's last-layer features
+    vocab_size: int = 256         # ids of decodable tokens (the mask id is never a new token)
+    num_tokens: int = 49          # L: positions in the token grid
+    ratio: int = 2                # bottleneck R: the shortcut works at width D / R
+    blocks: int = 1               # (cross-attention + MLP, self-attention + MLP) pairs
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    cross_attention: bool = True  # False: the ablation whose first attention is self-attention
+    time_frequencies: int = 128   # size of the sinusoidal time embedding
+
+    def __post_init__(self) -> None:
+        if self.ratio < 1 or self.feature_dim % self.ratio:
+            raise ValueError(f"ratio must divide feature_dim ({self.feature_dim}), got {self.ratio}")
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide the bottleneck width {self.width}")
+        if self.blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {self.blocks}")
+
+    @property
+    def width(self) -> int:
+        return self.feature_dim // self.ratio
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """t (B,) in [0, 1] -> (B, dim) sinusoids; t is scaled by 1000 so its frequencies spread."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def pack_new_tokens(tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather each row's newly decoded tokens to the front, padded to the row maximum.
+
+    tokens (B, L), new (B, L) bool -> ids (B, K), positions (B, K), valid (B, K) bool, where K is
+    the largest number of new tokens in any row. During generation every row reveals the same
+    count, so nothing is padded; in training, rows from different steps differ.
+    """
+    count = new.sum(1)
+    K = max(int(count.max()), 1) if len(count) else 1
+    positions = new.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]   # (B, K)
+    ids = tokens.gather(1, positions)
+    valid = torch.arange(K, device=tokens.device)[None] < count[:, None]
+    return ids.masked_fill(~valid, 0), positions, valid
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, d) attends to context (B, K, d); valid (B, K) masks padded keys."""
+        q = rearrange(self.q(x), "b l (h e) -> b h l e", h=self.heads)
+        k, v = rearrange(self.kv(context), "b k (two h e) -> two b h k e", two=2, h=self.heads)
+        mask = None if valid is None else valid[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(rearrange(y, "b h l e -> b l (h e)"))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, width: int, ratio: float) -> None:
+        hidden = int(width * ratio)
+        super().__init__(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+
+class ShortcutBlock(nn.Module):
+    """Attention to the new tokens (or self-attention in the ablation), MLP, self-attention, MLP;
+    each sub-layer pre-normed with adaLN (shift, scale from t) and gated (adaLN-Zero, as in DiT)."""
+
+    def __init__(self, config: ShortcutConfig) -> None:
+        super().__init__()
+        d = config.width
+        self.cross_attention = config.cross_attention
+        self.norms = nn.ModuleList(nn.LayerNorm(d, elementwise_affine=False, eps=1e-6) for _ in range(4))
+        self.context_norm = nn.LayerNorm(d, eps=1e-6)
+        self.attn1, self.attn2 = Attention(d, config.heads), Attention(d, config.heads)
+        self.mlp1, self.mlp2 = MLP(d, config.mlp_ratio), MLP(d, config.mlp_ratio)
+        self.modulation = nn.Linear(d, 12 * d)          # (shift, scale, gate) for 4 sub-layers
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor, valid: torch.Tensor,
+                c: torch.Tensor) -> torch.Tensor:
+        mods = rearrange(self.modulation(F.silu(c)), "b (n three d) -> n three b d", n=4, three=3)
+        for k, layer in enumerate((self.attn1, self.mlp1, self.attn2, self.mlp2)):
+            shift, scale, gate = mods[k]
+            x = modulate(self.norms[k](h), shift, scale)
+            if layer is self.attn1 and self.cross_attention:
+                # a row with no new token (the loop always reveals >= 1) attends to padding, then
+                # is zeroed: an all-masked softmax row would be NaN
+                has_new = valid.any(1, keepdim=True)                               # (B, 1)
+                y = layer(x, self.context_norm(context), valid | ~has_new) * has_new[:, :, None]
+            elif isinstance(layer, Attention):
+                y = layer(x, x)
+            else:
+                y = layer(x)
+            h = h + gate[:, None] * y
+        return h
+
+
+class ShortcutNetwork(nn.Module):
+    def __init__(self, config: ShortcutConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or ShortcutConfig()
+        d = c.width
+        self.down = nn.Linear(c.feature_dim, d)
+        # New tokens are embedded at the base width D, so the tables can start as the base
+        # model's own token and position embeddings (init_from_base), then projected down.
+        self.token_embed = nn.Embedding(c.vocab_size, c.feature_dim)
+        self.pos_embed = nn.Parameter(torch.randn(c.num_tokens, c.feature_dim) * 0.02)
+        self.context_down = nn.Linear(c.feature_dim, d)
+        self.time_mlp = nn.Sequential(nn.Linear(c.time_frequencies, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(ShortcutBlock(c) for _ in range(c.blocks))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(d, 2 * d)
+        self.up = nn.Linear(d, c.feature_dim)
+        for layer in (self.final_modulation, self.up):   # zero init: S = 0, the identity map
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def init_from_base(self, token_embedding: torch.Tensor, position_embedding: torch.Tensor | None = None) -> None:
+        """Copy the base model's (V', D) token and (L, D) position tables (extra rows, such as the
+        mask or null tokens, are ignored)."""
+        self.token_embed.weight.copy_(token_embedding[: self.config.vocab_size])
+        if position_embedding is not None:
+            self.pos_embed.copy_(position_embedding.reshape(self.config.num_tokens, -1))
+
+    def delta(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
+              t: torch.Tensor) -> torch.Tensor:
+        """S(f_i, new tokens, t_i): features (B, L, D), tokens (B, L) (the grid x_i), new (B, L)
+        bool (positions decoded at step i), t (B,) -> (B, L, D)."""
+        ids, positions, valid = pack_new_tokens(tokens, new)                          # (B, K) each
+        context = self.context_down(self.token_embed(ids) + self.pos_embed[positions])  # (B, K, d)
+        c = self.time_mlp(timestep_embedding(t, self.config.time_frequencies))       # (B, d)
+        h = self.down(features.to(self.down.weight.dtype))
+        for block in self.blocks:
+            h = block(h, context, valid, c)
+        shift, scale = self.final_modulation(F.silu(c)).chunk(2, dim=-1)
+        return self.up(modulate(self.final_norm(h), shift, scale))
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+        """f_hat_{i+1} = f_i + S(f_i, new tokens, t_i), (B, L, D)."""
+        return features + self.delta(features, tokens, new, t).to(features.dtype)

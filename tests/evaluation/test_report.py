@@ -1,0 +1,34 @@
+import json
+import random
+
+import torch
+
+from migm.evaluation.report import format_table, pareto_front, write_report
+
+
+def _row(method, steps, budget, latency, fid):
+    label = f"N{steps}" if method == "vanilla" else f"N{steps}/B{budget}"
+    return {"method": method, "label": label, "steps": steps, "budget": budget, "fid_classifier": fid,
+            "class_accuracy": 0.9, "latency_ms_per_image": latency, "speedup": 1.0,
+            "ideal_speedup": 1.0, "base_calls": budget, "shortcut_calls": steps - budget}
+
+
+def test_pareto_front_matches_brute_force_dominance():
+    rng = random.Random(0)
+    rows = [_row("vanilla", 8, 8, rng.uniform(1, 10), rng.uniform(50, 150)) for _ in range(40)]
+    front = set(pareto_front(rows, "latency_ms_per_image", "fid_classifier"))
+    for i, r in enumerate(rows):
+        dominated = any(o["latency_ms_per_image"] < r["latency_ms_per_image"]
+                        and o["fid_classifier"] < r["fid_classifier"] for o in rows)
+        assert (i in front) == (not dominated)
+
+
+def test_report_writes_results_plot_and_labelled_samples(tmp_path):
+    rows = [_row("vanilla", 4, 4, 40.0, 120.0), _row("vanilla", 16, 16, 150.0, 105.0),
+            _row("shortcut", 16, 4, 50.0, 108.0)]
+    samples = {f"{r['method']} {r['label']}": torch.rand(10, 1, 28, 28) * 2 - 1 for r in rows}
+    files = write_report(rows, samples, tmp_path, extra_rows=[{"method": "reconstruction"}])
+    lines = [json.loads(x) for x in files["results"].read_text().splitlines()]
+    assert [x["method"] for x in lines] == ["vanilla", "vanilla", "shortcut", "reconstruction"]
+    assert files["pareto"].read_bytes()[:4] == b"\x89PNG" and files["samples"].read_bytes()[:4] == b"\x89PNG"
+    assert "N16/B4" in format_table(rows)
