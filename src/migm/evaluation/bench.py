@@ -24,9 +24,11 @@ def step_costs(model, batch_size: int = 64, repeats: int = 10, seed: int = 0) ->
     rows, conds = torch.cat([tokens, tokens]), torch.cat([cond, model.null_condition(cond)])
     feats = model.features(rows, conds)
 
+    half = Lt // 2                       # mid-generation: the head and sampler see masked positions only
+
     def sampler_step():
-        logits = guide(model.head(feats), sampler.cfg_weight)
-        sample_step(logits, tokens, model.mask_id, 1, 0.5, sampler, g)
+        logits = guide(model.head(feats[:, :half]), sampler.cfg_weight)
+        sample_step(logits, 1, 0.5, sampler, g)
 
     costs = {
         "base_features_ms": measure_latency(lambda: model.features(rows, conds), 1, repeats=repeats).ms_per_batch,

@@ -107,11 +107,15 @@ def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, pre
     for logger in loggers:
         logger.log_metrics(scalars, step=step)
         if hasattr(logger, "log_table"):                       # WandbLogger
+            import wandb
             columns = list(rows[0])
-            logger.log_table(key=f"{prefix}/results", columns=columns,
-                             data=[[r.get(c) for c in columns] for r in rows], step=step)
+            data = [[r.get(c) for c in columns] for r in rows]
+            logger.log_table(key=f"{prefix}/results", columns=columns, data=data, step=step)
             logger.log_image(key=f"{prefix}/pareto", images=[str(files["pareto"])], step=step)
             logger.log_image(key=f"{prefix}/samples", images=[str(files["samples"])], step=step)
+            chart = wandb.plot.scatter(wandb.Table(columns=columns, data=data), "latency_ms_per_image",
+                                       y, title="latency vs FID (one point per configuration)")
+            logger.experiment.log({f"{prefix}/pareto_chart": chart})
 
 
 def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "eval") -> list[dict]:

@@ -101,9 +101,13 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
                           tokens=stack(tokens), cond=stacked_cond, prev_features=features,
                           revealed=None if revealed is None else stack(revealed))
         features = source(ctx)                                              # (branches*B, L, D)
-        logits = guide(model.head(features), sampler.cfg_weight)            # (B, L, K)
-        tokens, revealed = sample_step(logits, tokens, mask_id, counts[i - 1] - counts[i],
-                                       ctx.t, sampler, generator)
+        # every row has M = counts[i-1] masked positions: gather them, score only those
+        masked_pos = (tokens == mask_id).nonzero()[:, 1].view(B, counts[i - 1])        # (B, M)
+        index = stack(masked_pos).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        logits = guide(model.head(features.gather(1, index)), sampler.cfg_weight)      # (B, M, K)
+        drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator)
+        revealed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, masked_pos, keep)
+        tokens = tokens.scatter(1, masked_pos, torch.where(keep, drawn, mask_id))
         decode_step[revealed] = i
         for obs in observers:
             obs.on_step(ctx, features, tokens, revealed)
