@@ -103,3 +103,19 @@ def test_test_writes_results_plot_samples_and_a_wandb_run(recorded, tmp_path, ma
     config = [json.loads(line) for line in dump.stdout.splitlines() if '"type":"config"' in line]
     logged = {k for rec in config for k in rec["config"]["update"]}
     assert {"config", "data_manifest_sha256"} <= logged
+
+
+def test_evaluation_callback_scores_a_small_grid_during_fit(recorded, tmp_path, make_config):
+    cfg_path = make_config(tmp_path, recorded, max_epochs=1)
+    cfg = yaml.safe_load(Path(cfg_path).read_text())
+    cfg["trainer"]["callbacks"].append({
+        "class_path": "migm.evaluation.callback.EvaluationCallback",
+        "init_args": {"every_n_epochs": 1, "num_samples": 20, "batch_size": 10, "reference_samples": 500,
+                      "grid": {"vanilla_steps": [4], "shortcut_steps": [4], "budgets": [2],
+                               "reference_steps": 4, "latency_batch": 4, "latency_repeats": 1}}})
+    Path(cfg_path).write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", cfg_path])
+    rows = [json.loads(x) for x in (tmp_path / "run/fit_eval/epoch_000/results.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["N4", "N4/B2"] and all(r["num_samples"] == 20 for r in rows)
+    metrics = (next((tmp_path / "run/csv").rglob("metrics.csv"))).read_text()
+    assert "fit_eval/shortcut_N4_B2/fid_classifier" in metrics
