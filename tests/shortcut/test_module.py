@@ -90,6 +90,8 @@ def test_test_writes_results_plot_samples_and_a_wandb_run(recorded, tmp_path, ma
     assert rows[1]["speedup"] == 1.0                          # N=4 is the reference
     assert (out / "pareto.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000
 
+    import wandb
+    wandb.finish()                  # flush the run's records, as the end of a CLI process does
     runs = sorted((tmp_path / "run/wandb").glob("offline-run-*"))
     assert runs                 # one process here: fit and test share a W&B run; the CLI makes two
     wandb = Path(sys.executable).with_name("wandb")
