@@ -120,7 +120,10 @@ def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, pre
 
 def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "eval") -> list[dict]:
     """Compute the grid's rows (collective over ranks), then write and log them on rank 0."""
-    rows = grid.compute()
+    from tqdm import tqdm
+    # the latency phase takes minutes on a CPU: show it (on rank 0 only)
+    rows = grid.compute(progress=lambda points: tqdm(points, desc="latency", unit="config",
+                                                     disable=not trainer.is_global_zero))
     if trainer.is_global_zero:
         out = Path(out_dir) if out_dir else Path(trainer.default_root_dir) / prefix
         samples = {f"{p.method} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}

@@ -9,7 +9,6 @@ conditions, FID synchronised over ranks, latency measured in one process; see ev
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -143,9 +142,6 @@ class ShortcutModule(L.LightningModule):
 
     def configure_optimizers(self):
         return configure(self, self.hparams.lr, self.hparams.weight_decay, self.hparams.warmup_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["shortcut_config"] = asdict(self.network.config)
 
     # --- test: the evaluation grid --------------------------------------------------------------
     def on_test_start(self) -> None:
