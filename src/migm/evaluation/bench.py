@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from migm.evaluation.latency import measure_latency
+from migm.evaluation.latency import compare_latency, measure_latency
 from migm.sampling.sampler import SamplerConfig, guide, sample_step
 
 
@@ -39,25 +39,39 @@ def step_costs(model, batch_size: int = 64, repeats: int = 10, seed: int = 0) ->
     return {"batch_size": B, "threads": torch.get_num_threads(), **costs}
 
 
-@torch.no_grad()
-def shortcut_costs(model, shortcut, batch_size: int = 64, repeats: int = 5, seed: int = 0) -> dict:
-    """Parameters and ms per call of the base features and of the shortcut on the same grid."""
+def mid_generation_inputs(model, batch_size: int, seed: int = 0, device: str | torch.device = "cpu"):
+    """What a model call sees halfway through generation: both CFG branches (2 x batch_size rows),
+    half the positions still masked, ~5% just decoded (the shortcut's new tokens), t = 0.5."""
     g = torch.Generator().manual_seed(seed)
-    rows = 2 * batch_size                                                    # both CFG branches
-    tokens = torch.randint(0, model.vocab_size, (rows, model.num_tokens), generator=g)
-    masked = torch.rand(rows, model.num_tokens, generator=g) < 0.5
-    new = (torch.rand(rows, model.num_tokens, generator=g) < 0.06) & ~masked
+    rows, L = 2 * batch_size, model.num_tokens
+    tokens = torch.randint(0, model.vocab_size, (rows, L), generator=g)
+    masked = torch.rand(rows, L, generator=g) < 0.5
+    new = (torch.rand(rows, L, generator=g) < 0.05) & ~masked
     tokens = tokens.masked_fill(masked, model.mask_id)
     cond = torch.arange(rows) % model.num_classes
-    feats = model.features(tokens, cond)
-    t = torch.full((rows,), 0.5)
-    base_ms = measure_latency(lambda: model.features(tokens, cond), 1, repeats=repeats).ms_per_batch
-    short_ms = measure_latency(lambda: shortcut(feats, tokens, new, t), 1, repeats=repeats).ms_per_batch
+    return tokens.to(device), cond.to(device), new.to(device), torch.full((rows,), 0.5, device=device)
+
+
+@torch.no_grad()
+def call_costs(model, shortcut=None, batch_size: int = 64, repeats: int = 5,
+               device: str | torch.device = "cpu") -> dict[str, float]:
+    """ms per base call and (if given) per shortcut call on the same input, timed alternately."""
+    tokens, cond, new, t = mid_generation_inputs(model, batch_size, device=device)
+    calls = {"base_call_ms": lambda: model.features(tokens, cond)}
+    if shortcut is not None:
+        feats = model.features(tokens, cond)
+        calls["shortcut_call_ms"] = lambda: shortcut(feats, tokens, new, t)
+    return compare_latency(calls, repeats=repeats, device=str(device))
+
+
+def shortcut_costs(model, shortcut, batch_size: int = 64, repeats: int = 5) -> dict:
+    """Parameters and per-call cost of the base features and of the shortcut, and their ratios."""
+    costs = call_costs(model, shortcut, batch_size, repeats)
     base_params = sum(p.numel() for p in model.transformer.parameters())
     short_params = sum(p.numel() for p in shortcut.parameters())
-    return {"rows": rows, "base_params": base_params, "shortcut_params": short_params,
-            "param_ratio": base_params / short_params, "base_call_ms": base_ms,
-            "shortcut_call_ms": short_ms, "call_speed_ratio": base_ms / short_ms}
+    return {"rows": 2 * batch_size, "base_params": base_params, "shortcut_params": short_params,
+            "param_ratio": base_params / short_params, **costs,
+            "call_speed_ratio": costs["base_call_ms"] / costs["shortcut_call_ms"]}
 
 
 def end_to_end(model, shortcut, steps: int, budgets: list[int], batch_size: int = 64,

@@ -18,6 +18,7 @@ from torch import nn
 
 from migm.accel.refresh import RefreshPlan
 from migm.accel.shortcut import ShortcutSource
+from migm.evaluation.bench import call_costs
 from migm.evaluation.latency import measure_latency
 from migm.evaluation.quality import QualityMetrics
 from migm.sampling.loop import VanillaSource, generate
@@ -98,27 +99,11 @@ class EvaluationGrid(nn.Module):
     def samples(self, point: GridPoint) -> torch.Tensor:
         return torch.cat(self.kept[point])[: self.config.keep_images]
 
-    @torch.no_grad()
     def call_costs(self) -> dict[str, float]:
         """ms per base call and per shortcut call on a mid-generation grid at the latency batch."""
-        c = self.config
-        B, Lt = c.latency_batch, self.model.num_tokens
-        g = torch.Generator().manual_seed(0)
         device = next(self.model.parameters()).device
-        tokens = torch.randint(0, self.model.vocab_size, (2 * B, Lt), generator=g).to(device)
-        masked = (torch.rand(2 * B, Lt, generator=g) < 0.5).to(device)
-        new = (torch.rand(2 * B, Lt, generator=g) < 0.05).to(device) & ~masked
-        tokens = tokens.masked_fill(masked, self.model.mask_id)
-        cond = torch.arange(2 * B, device=device) % self.model.num_classes
-        feats = self.model.features(tokens, cond)
-        t = torch.full((2 * B,), 0.5, device=device)
-        costs = {"base_call_ms": measure_latency(lambda: self.model.features(tokens, cond), 1,
-                                                 repeats=c.latency_repeats, device=str(device)).ms_per_batch}
-        if self.shortcut is not None:
-            costs["shortcut_call_ms"] = measure_latency(
-                lambda: self.shortcut(feats, tokens, new, t), 1, repeats=c.latency_repeats,
-                device=str(device)).ms_per_batch
-        return costs
+        return call_costs(self.model, self.shortcut, self.config.latency_batch,
+                          self.config.latency_repeats, device)
 
     @torch.no_grad()
     def compute(self, progress: Callable | None = None) -> list[dict]:
