@@ -24,7 +24,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def _project_commands() -> dict:
     from migm import commands
     return {"export": commands.export, "generate": commands.generate, "evaluate": commands.evaluate,
-            "bench": commands.bench}
+            "bench": commands.bench, "curves": commands.curves}
 
 
 def with_default_config(argv: list[str]) -> list[str]:

@@ -185,6 +185,21 @@ def bench(batch_size: int = 64, repeats: int = 5, steps: int = 32, budgets: list
     return results
 
 
+def curves(logs: list[Path], metric: str = "rel_err", out: Path = Path("step_curves.png")) -> Path:
+    """Plot a shortcut run's held-out per-step curves (one line per validation epoch).
+
+    Args:
+        logs: the run's CSVLogger files, e.g. runs/tiny/csv/version_*/metrics.csv (a resumed run
+            has one per version).
+        metric: rel_err, cosine or argmax_agree.
+        out: the PNG to write.
+    """
+    from migm.evaluation.curves import plot_step_curves, read_step_curves
+    path = plot_step_curves(read_step_curves([Path(p) for p in logs], metric), Path(out), metric)
+    print(f"wrote {path}")
+    return path
+
+
 def _shortcut_or_default(name: str, model):
     from migm.models.assets import ASSET_DIR
     from migm.shortcut.module import load_shortcut
