@@ -58,7 +58,7 @@ def test_project_commands_print_their_config(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--steps", "12", "--print_config"])
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["steps"] == 12 and resolved["sampler"]["cfg_weight"] == 2.0
+    assert resolved["steps"] == 12 and resolved["sampler"]["cfg_weight"] == 1.0
 
 
 def test_generate_end_to_end_writes_a_grid(tmp_path):

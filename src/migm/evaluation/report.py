@@ -67,7 +67,8 @@ def plot_side_by_side(samples: dict[str, torch.Tensor], path: Path, per_row: int
     ax.set_yticks([h * (k + 0.5) for k in range(len(labels))], labels, fontsize=7)
     ax.set_xticks([])
     fig.tight_layout()
-    atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    # bbox "tight": long labels ("shortcut N16/B10") are never clipped at the left edge
+    atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
     plt.close(fig)
     return Path(path)
 

@@ -18,7 +18,7 @@ import torch
 class SamplerConfig:
     temperature: float = 1.0          # softmax temperature for drawing tokens
     choice_temperature: float = 3.0   # scale of the Gumbel noise on confidences, times (1 - t)
-    cfg_weight: float = 2.0           # w: logits = (1 + w) * cond - w * uncond; 0 disables CFG
+    cfg_weight: float = 1.0           # w: logits = (1 + w) * cond - w * uncond; 0 disables CFG
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
