@@ -31,10 +31,9 @@ def read_step_curves(csv_paths: list[Path], metric: str = "rel_err") -> dict[int
 
 
 def plot_step_curves(curves: dict[int, dict[int, float]], path: Path, metric: str = "rel_err") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from migm.evaluation.report import _pyplot
+    from migm.models.assets import atomic_write_bytes
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     cmap = plt.get_cmap("viridis")
     epochs = list(curves)
@@ -47,7 +46,6 @@ def plot_step_curves(curves: dict[int, dict[int, float]], path: Path, metric: st
     ax.set_title(f"shortcut {metric} per step over training")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path

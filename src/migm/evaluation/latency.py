@@ -31,18 +31,7 @@ def _sync(device: str) -> None:
 def measure_latency(fn: Callable[[], object], batch_size: int, *, warmup: int = 1, repeats: int = 5,
                     device: str = "cpu") -> Latency:
     """Time `fn()` (which generates one batch of `batch_size` images)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    batch = statistics.median(times)
+    batch = compare_latency({"fn": fn}, warmup=warmup, repeats=repeats, device=device)["fn"] / 1000
     return Latency(ms_per_image=1000 * batch / batch_size, ms_per_batch=1000 * batch,
                    batch_size=batch_size, repeats=repeats, threads=torch.get_num_threads(),
                    device=device)

@@ -16,8 +16,8 @@ def quality_metrics(features: str = "classifier", classifier: str = "classifier.
     """FID against the first `reference_samples` test images (statistics cached on disk, keyed by
     extractor and count), class accuracy from the shipped classifier, and CLIPScore against the
     class names when `clip_path` (a local CLIP directory) is given."""
-    from migm.evaluation.clip import class_prompts, load_clip
     from migm.data.images import load_fashion_mnist, to_model_range
+    from migm.evaluation.clip import class_prompts, load_clip
     from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
 
     net = load_classifier(classifier)
