@@ -25,9 +25,10 @@ def step_costs(model, batch_size: int = 64, repeats: int = 10, seed: int = 0) ->
     feats = model.features(rows, conds)
 
     half = Lt // 2                       # mid-generation: the head and sampler see masked positions only
+    positions = torch.arange(half, device=feats.device).expand(feats.shape[0], half)
 
     def sampler_step():
-        logits = guide(model.head(feats[:, :half]), sampler.cfg_weight)
+        logits = guide(model.head(feats[:, :half], positions=positions), sampler.cfg_weight)
         sample_step(logits, 1, 0.5, sampler, g)
 
     costs = {

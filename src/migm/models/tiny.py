@@ -81,7 +81,13 @@ class TinyMIGM(nn.Module):
         """tokens (B, L) with mask ids, cond (B,) -> last-layer features (B, L, D)."""
         return self.transformer.features(tokens, cond)
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
+    def head(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """features (B, M, D) at grid positions (B, M) -> logits (B, M, K).
+
+        positions None means the whole grid in order (M = L). This head is the same linear map at
+        every position, so it ignores them; a base whose head has per-position terms (MaskGIT's
+        output bias) needs them when the loop scores only the still-masked positions.
+        """
         return self.transformer.head(features)
 
     def token_embedding(self) -> nn.Embedding:

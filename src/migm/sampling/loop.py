@@ -103,8 +103,10 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
         features = source(ctx)                                              # (branches*B, L, D)
         # every row has M = counts[i-1] masked positions: gather them, score only those
         masked_pos = (tokens == mask_id).nonzero()[:, 1].view(B, counts[i - 1])        # (B, M)
-        index = stack(masked_pos).unsqueeze(-1).expand(-1, -1, features.shape[-1])
-        logits = guide(model.head(features.gather(1, index)), sampler.cfg_weight)      # (B, M, K)
+        positions = stack(masked_pos)                                   # (branches*B, M)
+        index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
+        scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
+        logits = guide(scored, sampler.cfg_weight)                                      # (B, M, K)
         drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator)
         revealed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, masked_pos, keep)
         tokens = tokens.scatter(1, masked_pos, torch.where(keep, drawn, mask_id))
