@@ -24,13 +24,20 @@ HOW_TO_GET = {
 }
 
 
-def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path):
-    """The base model behind the protocol the loop and the accelerators use (see models/tiny.py)."""
+def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None):
+    """The base model behind the protocol the loop and the accelerators use (see models/tiny.py).
+
+    `config` is the adapter's own config where it has one (maskgit: a MaskGITConfig; None means
+    the released ImageNet-512 model).
+    """
     if kind == "tiny":
         from migm.models.tiny import TinyMIGM
         return TinyMIGM.from_assets(base, tokenizer)
     missing = [str(p) for p in (base, tokenizer) if p and not Path(p).exists()]
     if missing:
         raise CheckpointError(f"{kind} base model: {', '.join(missing)} not found. {HOW_TO_GET[kind]}.")
+    if kind == "maskgit":
+        from migm.models.maskgit import MaskGITMIGM
+        return MaskGITMIGM.from_checkpoints(base, tokenizer, config)
     raise NotImplementedError(f"the {kind} adapter (models/{kind}.py) is not written yet: only the "
                               "embedded default runs end to end; see the README's roadmap")
