@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from migm.accel.refresh import RefreshPlan
+from migm.accel.reuse import ReuseSource
 from migm.accel.shortcut import ShortcutSource
 from migm.evaluation.bench import call_costs
 from migm.evaluation.latency import measure_latency
@@ -24,7 +25,7 @@ from migm.evaluation.quality import QualityMetrics
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig
 
-Method = Literal["vanilla", "shortcut"]
+Method = Literal["vanilla", "shortcut", "reuse"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class GridConfig:
     vanilla_steps: list[int] = field(default_factory=lambda: [4, 6, 8, 12, 16, 32])
     shortcut_steps: list[int] = field(default_factory=lambda: [16, 32])
     budgets: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
+    reuse: bool = False                # also feature reuse at every shortcut (N, B): the untrained floor
     reference_steps: int = 32          # speedup = latency(vanilla at this N) / latency(method)
     schedule: str = "arccos"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -55,7 +57,8 @@ class GridConfig:
 
     def points(self) -> list[GridPoint]:
         points = [GridPoint("vanilla", n) for n in self.vanilla_steps]
-        points += [GridPoint("shortcut", n, b) for n in self.shortcut_steps for b in self.budgets if b < n]
+        methods = ["shortcut", "reuse"] if self.reuse else ["shortcut"]
+        points += [GridPoint(m, n, b) for m in methods for n in self.shortcut_steps for b in self.budgets if b < n]
         if self.reference_steps not in self.vanilla_steps:
             raise ValueError(f"reference_steps {self.reference_steps} must be one of vanilla_steps "
                              f"{self.vanilla_steps}: speedups are measured against it in the same run")
@@ -65,6 +68,8 @@ class GridConfig:
 def make_source(model, point: GridPoint, shortcut: nn.Module | None):
     if point.method == "vanilla":
         return VanillaSource(model)
+    if point.method == "reuse":
+        return ReuseSource(model, RefreshPlan.uniform(point.steps, point.budget))
     if shortcut is None:
         raise ValueError(f"{point.label}: a shortcut configuration needs a shortcut network")
     return ShortcutSource(model, shortcut, RefreshPlan.uniform(point.steps, point.budget))

@@ -40,7 +40,8 @@ def plot_pareto(rows: list[dict], path: Path, x: str = "latency_ms_per_image") -
     for key, pts in lines.items():
         pts = sorted(pts, key=lambda r: r[x])
         name = "vanilla (N varies)" if key == ("vanilla",) else f"{key[0]} N={key[1]} (B varies)"
-        ax.plot([r[x] for r in pts], [r[y] for r in pts], marker="o", label=name)
+        ax.plot([r[x] for r in pts], [r[y] for r in pts], marker="o", label=name,
+                linestyle="--" if key[0] == "reuse" else "-")
         for r in pts:
             ax.annotate(r["label"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = [rows[i] for i in pareto_front(rows, x, y)]
