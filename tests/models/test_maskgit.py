@@ -299,3 +299,36 @@ def test_released_configs_match_the_reference_sizes():
     assert t512.tok_emb.weight.shape == (2026, 768) and t512.bias.shape == (1025, 2026)
     assert t512.pos_emb.shape == (1, 1025, 768) and images.shape == (1, 3, 512, 512)
     assert len(transformer_shapes(MaskGITConfig())) == len(t512.state_dict())
+
+
+def test_collect_records_maskgit_trajectories(tmp_path):
+    """`migm collect` on the adapter: the shards carry MaskGIT's geometry, and the recorded
+    features of step 1 are the base's features of the all-mask grid."""
+    import dataclasses
+
+    import h5py
+    import yaml
+
+    from migm.cli import REPO_ROOT, main
+    from migm.data.trajectories import open_shard
+
+    tpath, vpath, _, _ = save_reference(tmp_path)
+    cfg = yaml.safe_load((REPO_ROOT / "configs/collect_maskgit.yaml").read_text())
+    out = tmp_path / "traj"
+    cfg["trainer"].update(accelerator="cpu", enable_progress_bar=False, default_root_dir=str(out))
+    cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(out), batches_per_shard=2)
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(TINY).items()}
+    cfg["model"]["init_args"].update(base=str(tpath), tokenizer=str(vpath), steps=4, base_config=fields)
+    cfg["data"]["init_args"].update(num_trajectories=4, num_classes=TINY.num_classes, batch_size=2)
+    (tmp_path / "collect.yaml").write_text(yaml.safe_dump(cfg))
+    main(["collect", "--config", str(tmp_path / "collect.yaml")])
+
+    shards = sorted(out.glob("shard-*.h5"))
+    schema, n = open_shard(shards[0])
+    assert n == 4 and schema.base_model.startswith("maskgit:")
+    assert (schema.num_tokens, schema.feature_dim, schema.vocab_size, schema.mask_id) == (16, 32, 16, 16)
+    model = MaskGITMIGM.from_checkpoints(tpath, vpath, TINY)
+    with h5py.File(shards[0]) as f:
+        cond, first = torch.from_numpy(f["cond"][:]).long(), torch.from_numpy(f["features"][:, 0, 0]).float()
+    expected = model.features(torch.full((len(cond), 16), 16), cond)
+    torch.testing.assert_close(first, expected, atol=2e-2, rtol=1e-2)          # stored as float16

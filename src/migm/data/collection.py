@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from migm.data.recorder import TrajectoryRecorder
 from migm.data.trajectories import ShardSchema, open_shard, write_shard
 from migm.models.assets import ASSET_DIR, atomic_write_bytes, read_manifest
+from migm.models.registry import BaseKind, load_base
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig
 
@@ -60,11 +61,23 @@ class CollectionModule(L.LightningModule):
 
     def __init__(self, base: str = "base.pt", tokenizer: str = "tokenizer.pt", steps: int = 16,
                  schedule: str = "arccos", sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
-                 feature_dtype: str = "float16") -> None:
+                 feature_dtype: str = "float16", base_kind: BaseKind = "tiny",
+                 base_config: dict | None = None) -> None:
+        """
+        Args:
+            base: base model weights (asset name or local path).
+            tokenizer: tokenizer weights (asset name or local path).
+            steps: N, the number of unmasking steps recorded.
+            schedule: mask schedule: arccos, cosine or linear.
+            sampler: temperatures and classifier-free guidance weight.
+            seed: batch seeds are seed * 1,000,003 + index of the batch's first trajectory.
+            feature_dtype: how features are stored (float16 halves the shards).
+            base_kind: which base MIGM adapter (tiny = the embedded default; maskgit).
+            base_config: the adapter's config fields, where they differ from the released model.
+        """
         super().__init__()
-        from migm.models.tiny import TinyMIGM
         self.save_hyperparameters()
-        self.model = TinyMIGM.from_assets(base=base, tokenizer=tokenizer)
+        self.model = load_base(base_kind, base, tokenizer, base_config).eval().requires_grad_(False)
         self.sampler = sampler
         self.dtype_ = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[feature_dtype]
         self.skip_batch = lambda batch_idx: False      # set by ShardWriter for resumption
@@ -72,9 +85,9 @@ class CollectionModule(L.LightningModule):
     def schema(self) -> ShardSchema:
         manifest = read_manifest(ASSET_DIR)
         base = self.hparams.base
-        base_id = f"tiny:{manifest.get(base, {}).get('sha256', str(base))[:16]}"
+        base_id = f"{self.hparams.base_kind}:{manifest.get(base, {}).get('sha256', str(base))[:16]}"
         config_hash = hashlib.sha256(json.dumps(asdict(self.model.transformer.config),
-                                                sort_keys=True).encode()).hexdigest()[:16]
+                                                sort_keys=True, default=str).encode()).hexdigest()[:16]
         return ShardSchema(base_model=base_id, base_config_hash=config_hash, steps=self.hparams.steps,
                            schedule=self.hparams.schedule, num_tokens=self.model.num_tokens,
                            feature_dim=self.model.feature_dim, vocab_size=self.model.vocab_size,

@@ -27,8 +27,8 @@ HOW_TO_GET = {
 def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None):
     """The base model behind the protocol the loop and the accelerators use (see models/tiny.py).
 
-    `config` is the adapter's own config where it has one (maskgit: a MaskGITConfig; None means
-    the released ImageNet-512 model).
+    `config` is the adapter's own config where it has one (maskgit: a MaskGITConfig or a dict of
+    its fields; None means the released ImageNet-512 model).
     """
     if kind == "tiny":
         from migm.models.tiny import TinyMIGM
@@ -37,7 +37,9 @@ def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=No
     if missing:
         raise CheckpointError(f"{kind} base model: {', '.join(missing)} not found. {HOW_TO_GET[kind]}.")
     if kind == "maskgit":
-        from migm.models.maskgit import MaskGITMIGM
+        from migm.models.maskgit import MaskGITConfig, MaskGITMIGM
+        if isinstance(config, dict):                 # from a YAML config: the fields to override
+            config = MaskGITConfig(**config)
         return MaskGITMIGM.from_checkpoints(base, tokenizer, config)
     raise NotImplementedError(f"the {kind} adapter (models/{kind}.py) is not written yet: only the "
                               "embedded default runs end to end; see the README's roadmap")

@@ -30,7 +30,7 @@ def load_shortcut(name_or_path: str | Path) -> ShortcutNetwork:
 
 class ShortcutModule(L.LightningModule):
     def __init__(self, network: ShortcutConfig | None = None, base_kind: BaseKind = "tiny",
-                 base: str = "base.pt", tokenizer: str = "tokenizer.pt", lr: float = 1e-3, weight_decay: float = 0.0,
+                 base: str = "base.pt", tokenizer: str = "tokenizer.pt", base_config: dict | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.995,
                  loss_on: Literal["all", "masked"] = "masked", init_embeddings: bool = True,
                  evaluation: GridConfig | None = None,
@@ -43,6 +43,7 @@ class ShortcutModule(L.LightningModule):
             base_kind: which base MIGM adapter (tiny = the embedded default).
             base: base model weights (asset name or path); frozen, never trained here.
             tokenizer: tokenizer weights, for decoding images in `test`.
+            base_config: the base adapter's config fields, where they differ from the released model.
             lr: AdamW peak learning rate (linear warm-up, cosine decay over the planned steps).
             weight_decay: AdamW weight decay on matrices.
             warmup_steps: warm-up length in optimizer steps.
@@ -69,7 +70,8 @@ class ShortcutModule(L.LightningModule):
     @property
     def base(self):
         if self._base is None:
-            base = load_base(self.hparams.base_kind, self.hparams.base, self.hparams.tokenizer)
+            base = load_base(self.hparams.base_kind, self.hparams.base, self.hparams.tokenizer,
+                             self.hparams.base_config)
             # set past nn.Module's __setattr__: not a submodule, so it stays out of checkpoints
             object.__setattr__(self, "_base", base.requires_grad_(False).eval())
         if next(self._base.parameters()).device != self.device:     # follows the module to a GPU
