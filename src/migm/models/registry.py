@@ -24,11 +24,13 @@ HOW_TO_GET = {
 }
 
 
-def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None):
+def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None, **options):
     """The base model behind the protocol the loop and the accelerators use (see models/tiny.py).
 
-    `config` is the adapter's own config where it has one (maskgit: a MaskGITConfig; None means
-    the released ImageNet-512 model).
+    `config` is the adapter's own config where it has one (maskgit: a MaskGITConfig, None meaning
+    the released ImageNet-512 model; dimoo: a DiMOOConfig, None meaning the checkpoint's
+    config.json). dimoo: `base` is the checkpoint directory, `tokenizer` its VQ folder ("" for
+    base/vqvae), and `options` go to DiMOOMIGM.from_checkpoint (prompts, dtype, device).
     """
     if kind == "tiny":
         from migm.models.tiny import TinyMIGM
@@ -39,5 +41,8 @@ def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=No
     if kind == "maskgit":
         from migm.models.maskgit import MaskGITMIGM
         return MaskGITMIGM.from_checkpoints(base, tokenizer, config)
+    if kind == "dimoo":
+        from migm.models.dimoo import DiMOOMIGM
+        return DiMOOMIGM.from_checkpoint(base, tokenizer or None, config, **options)
     raise NotImplementedError(f"the {kind} adapter (models/{kind}.py) is not written yet: only the "
                               "embedded default runs end to end; see the README's roadmap")
