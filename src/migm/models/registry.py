@@ -24,11 +24,14 @@ HOW_TO_GET = {
 }
 
 
-def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None):
+def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None, **options):
     """The base model behind the protocol the loop and the accelerators use (see models/tiny.py).
 
-    `config` is the adapter's own config where it has one (maskgit: a MaskGITConfig or a dict of
-    its fields; None means the released ImageNet-512 model).
+    `config` is the adapter's own config where it has one, or a dict of its fields (from YAML):
+    maskgit: a MaskGITConfig, None meaning the released ImageNet-512 model; dimoo: a DiMOOConfig,
+    None meaning the checkpoint's config.json. dimoo: `base` is the checkpoint directory,
+    `tokenizer` its VQ folder ("" for base/vqvae), and `options` go to DiMOOMIGM.from_checkpoint
+    (prompts, dtype, device).
     """
     if kind == "tiny":
         from migm.models.tiny import TinyMIGM
@@ -41,5 +44,9 @@ def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=No
         if isinstance(config, dict):                 # from a YAML config: the fields to override
             config = MaskGITConfig(**config)
         return MaskGITMIGM.from_checkpoints(base, tokenizer, config)
-    raise NotImplementedError(f"the {kind} adapter (models/{kind}.py) is not written yet: only the "
-                              "embedded default runs end to end; see the README's roadmap")
+    if kind == "dimoo":
+        from migm.models.dimoo import DiMOOConfig, DiMOOMIGM
+        if isinstance(config, dict):
+            config = DiMOOConfig(**config)
+        return DiMOOMIGM.from_checkpoint(base, tokenizer or None, config, **options)
+    raise ValueError(f"unknown base_kind {kind!r}: expected one of tiny, maskgit, dimoo")

@@ -1,0 +1,378 @@
+"""The Lumina-DiMOO adapter against a checkpoint directory in the reference layout.
+
+The directory here is tiny random weights written the way the HF checkpoint is laid out:
+config.json (LLaDA fields; the tiny token layout added), model.safetensors.index.json and two
+shards with LLaDAModelLM's key names, a text tokenizer saved by transformers, and vqvae/ (a
+diffusers VQModel folder, encoder included). The expected numbers come from the functional
+re-implementations below, written from model/modeling_llada.py, inference/inference_t2i.py and
+diffusers' VQModel decoder, not from the adapter's modules. The grid is 3 x 4 so that rows and
+columns cannot be swapped unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from migm.models.amused_vq import VQConfig, VQDecoder
+from migm.models.assets import CheckpointError
+from migm.models.dimoo import DiMOOConfig, DiMOOMIGM, LLaDA
+from migm.models.registry import load_base
+from migm.sampling.loop import VanillaSource, generate
+from migm.sampling.sampler import SamplerConfig
+
+# text ids 0..39, specials 40..45, image codes 48..63 (K = 16); 4 heads sharing 2 kv heads
+TINY = DiMOOConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48,
+                   rope_theta=10000.0, vocab_size=64, mask_token_id=40, newline_token_id=41,
+                   boi_token_id=42, eoi_token_id=43, boa_token_id=44, eoa_token_id=45,
+                   image_token_offset=48, codebook_size=16, grid_height=3, grid_width=4)
+TINY_VQ = VQConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                   num_vq_embeddings=16, norm_num_groups=4, mid_block_add_attention=True)
+PROMPTS = ["a red cat", "a big blue dog on the grass"]           # different lengths
+WORDS = ["Generate", "an", "image", "according", "to", "the", "text", "prompt", ".", "a", "red", "cat",
+         "big", "blue", "dog", "on", "grass"]
+
+
+# --- the reference layout ---------------------------------------------------------------------
+def llada_shapes(c: DiMOOConfig) -> dict[str, tuple[int, ...]]:
+    """LLaDAModelLM.state_dict() shapes for block_type llama, rms norms, no biases, untied."""
+    D, M, V = c.d_model, c.mlp_hidden_size, c.vocab_size
+    kv = D // c.n_heads * (c.n_kv_heads or c.n_heads)
+    s = {"model.transformer.wte.weight": (V, D), "model.transformer.ln_f.weight": (D,),
+         "model.transformer.ff_out.weight": (V, D)}
+    for i in range(c.n_layers):
+        p = f"model.transformer.blocks.{i}."
+        s |= {p + "attn_norm.weight": (D,), p + "ff_norm.weight": (D,), p + "q_proj.weight": (D, D),
+              p + "k_proj.weight": (kv, D), p + "v_proj.weight": (kv, D), p + "attn_out.weight": (D, D),
+              p + "ff_proj.weight": (M, D), p + "up_proj.weight": (M, D), p + "ff_out.weight": (D, M)}
+    return s
+
+
+def vq_shapes(c: VQConfig) -> dict[str, tuple[int, ...]]:
+    """diffusers VQModel decoding keys (Decoder + post_quant_conv + quantize)."""
+    s = {"quantize.embedding.weight": (c.num_vq_embeddings, c.embed_dim)}
+
+    def conv(n, cin, cout, k):
+        s.update({f"{n}.weight": (cout, cin, k, k), f"{n}.bias": (cout,)})
+
+    def vec(n, ch):
+        s.update({f"{n}.weight": (ch,), f"{n}.bias": (ch,)})
+
+    def resnet(n, cin, cout):
+        vec(f"{n}.norm1", cin), conv(f"{n}.conv1", cin, cout, 3)
+        vec(f"{n}.norm2", cout), conv(f"{n}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{n}.conv_shortcut", cin, cout, 1)
+
+    conv("post_quant_conv", c.embed_dim, c.latent_channels, 1)
+    rev = list(reversed(c.block_out_channels))
+    conv("decoder.conv_in", c.latent_channels, rev[0], 3)
+    resnet("decoder.mid_block.resnets.0", rev[0], rev[0])
+    vec("decoder.mid_block.attentions.0.group_norm", rev[0])
+    for part in ("to_q", "to_k", "to_v", "to_out.0"):
+        s.update({f"decoder.mid_block.attentions.0.{part}.weight": (rev[0], rev[0]),
+                  f"decoder.mid_block.attentions.0.{part}.bias": (rev[0],)})
+    resnet("decoder.mid_block.resnets.1", rev[0], rev[0])
+    prev = rev[0]
+    for i, ch in enumerate(rev):
+        for j in range(c.layers_per_block + 1):
+            resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch)
+        if i < len(rev) - 1:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", ch, ch, 3)
+        prev = ch
+    vec("decoder.conv_norm_out", rev[-1]), conv("decoder.conv_out", rev[-1], 3, 3)
+    return s
+
+
+def random_weights(shapes: dict, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        w = torch.randn(shape, generator=g)
+        is_gain = len(shape) == 1 and "norm" in k and k.endswith("weight")
+        out[k] = 1 + 0.1 * w if is_gain else 0.3 * w
+    return out
+
+
+def save_tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<bos>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<system>", "</system>", "<user>", "</user>", "<uncondition>"])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>").save_pretrained(path)
+
+
+def save_reference(path, c=TINY, vc=TINY_VQ, seed=0, edit=lambda t, v: None, raw_edit=lambda r: None):
+    t, v = random_weights(llada_shapes(c), seed), random_weights(vq_shapes(vc), seed + 1)
+    edit(t, v)
+    path.mkdir(parents=True, exist_ok=True)
+    raw = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "block_type": "llama",
+           "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "alibi": False,
+           "include_bias": False, "include_qkv_bias": False, "weight_tying": False,
+           "max_sequence_length": 4096, "mlp_ratio": 4} | asdict(c)
+    raw_edit(raw)
+    (path / "config.json").write_text(json.dumps(raw))
+    keys = sorted(t)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: t[k] for k in ks}, path / name, metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "vqvae").mkdir(exist_ok=True)
+    (path / "vqvae" / "config.json").write_text(json.dumps(
+        {"_class_name": "VQModel", "down_block_types": ["DownEncoderBlock2D"] * 2, "in_channels": 3,
+         "up_block_types": ["UpDecoderBlock2D"] * 2, "sample_size": 32, "scaling_factor": 0.18215}
+        | {k: (list(x) if isinstance(x, tuple) else x) for k, x in asdict(vc).items()}))
+    junk = {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "quant_conv.weight": torch.zeros(4, 4, 1, 1)}
+    save_file(v | junk, path / "vqvae" / "diffusion_pytorch_model.safetensors")
+    save_tokenizer(path)
+    return t, v
+
+
+# --- functional re-implementations of the reference ---------------------------------------------
+def reference_forward(sd, ids: list[int], c=TINY):
+    """LLaDAModel.forward on one sequence (B = 1, no mask): (ln_f hidden (T, D), logits (T, V))."""
+    def rms(x, n):
+        xf = x.float()
+        return sd[n] * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps)).to(x.dtype)
+
+    def rotate_half(x):
+        B, nh, T, hs = x.size()
+        x1, x2 = x.view(B, nh, T, 2, hs // 2).unbind(dim=-2)
+        return torch.cat((-x2, x1), dim=-1)
+
+    hd, T = c.d_model // c.n_heads, len(ids)
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+    freqs = torch.einsum("i , j -> i j", torch.arange(T, dtype=torch.float), inv_freq)
+    pos = torch.cat((freqs, freqs), dim=-1)
+    sin, cos = pos.sin()[None, None], pos.cos()[None, None]
+    x = F.embedding(torch.tensor([ids]), sd["model.transformer.wte.weight"])
+    for i in range(c.n_layers):
+        p = f"model.transformer.blocks.{i}."
+        h = rms(x, p + "attn_norm.weight")
+        q, k, v = (F.linear(h, sd[p + n + "_proj.weight"]) for n in "qkv")
+        q = q.view(1, T, c.n_heads, hd).transpose(1, 2)
+        k = k.view(1, T, c.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(1, T, c.n_kv_heads, hd).transpose(1, 2)
+        q, k = (((t.float() * cos) + (rotate_half(t.float()) * sin)).to(t.dtype) for t in (q, k))
+        r = c.n_heads // c.n_kv_heads
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False)
+        x = x + F.linear(a.transpose(1, 2).reshape(1, T, c.d_model), sd[p + "attn_out.weight"])
+        h = rms(x, p + "ff_norm.weight")
+        h = F.silu(F.linear(h, sd[p + "ff_proj.weight"])) * F.linear(h, sd[p + "up_proj.weight"])
+        x = x + F.linear(h, sd[p + "ff_out.weight"])
+    x = rms(x, "model.transformer.ln_f.weight")
+    return x[0], F.linear(x, sd["model.transformer.ff_out.weight"])[0]
+
+
+def reference_sequences(tokenizer, grid: torch.Tensor, prompt: str | None, c=TINY):
+    """inference_t2i.py's cond ids (or, prompt None, the CFG branch's uncond ids) for one grid
+    (L,) with mask id K, and the positions of the grid's tokens in it."""
+    system = "<system>" + c.system_prompt + "</system>"
+    con = tokenizer(system + "<user>" + (prompt or "") + "</user>")["input_ids"]
+    codes = [c.mask_token_id if t == c.codebook_size else t + c.image_token_offset for t in grid.tolist()]
+    image = []
+    for r in range(c.grid_height):                                  # add_break_line
+        image += codes[r * c.grid_width:(r + 1) * c.grid_width] + [c.newline_token_id]
+    x = con + [c.boa_token_id, c.boi_token_id] + image + [c.eoi_token_id, c.eoa_token_id]
+    code_start = len(con) + 2
+    if prompt is None:                                              # uncon_ids + x[code_start-2:]
+        uncon = tokenizer(system + "<user><uncondition></user>")["input_ids"]
+        x, code_start = uncon + x[code_start - 2:], len(uncon) + 2
+    where = [i for i in range(code_start, len(x) - 2) if x[i] != c.newline_token_id]
+    return x, where
+
+
+def reference_decode(sd, ids, c=TINY_VQ, grid=(3, 4)):
+    """VQModel.decode(ids, force_not_quantize=True, shape=...) with lookup_from_codebook, clip(0, 1)."""
+    def conv(x, n, pad):
+        return F.conv2d(x, sd[n + ".weight"], sd[n + ".bias"], padding=pad)
+
+    def gn(x, n):
+        return F.group_norm(x, c.norm_num_groups, sd[n + ".weight"], sd[n + ".bias"], 1e-6)
+
+    def resnet(x, n):
+        h = conv(F.silu(gn(conv(F.silu(gn(x, n + ".norm1")), n + ".conv1", 1), n + ".norm2")), n + ".conv2", 1)
+        return (conv(x, n + ".conv_shortcut", 0) if n + ".conv_shortcut.weight" in sd else x) + h
+
+    def attention(x, n):                       # AttnProcessor: heads 1, residual, scale ch ** -0.5
+        b, ch, hh, ww = x.shape
+        h = gn(x, n + ".group_norm").view(b, ch, hh * ww).transpose(1, 2)
+        q, k, v = (F.linear(h, sd[f"{n}.{p}.weight"], sd[f"{n}.{p}.bias"]) for p in ("to_q", "to_k", "to_v"))
+        a = torch.softmax(q @ k.transpose(1, 2) * ch**-0.5, -1) @ v
+        a = F.linear(a, sd[n + ".to_out.0.weight"], sd[n + ".to_out.0.bias"])
+        return a.transpose(1, 2).reshape(b, ch, hh, ww) + x
+
+    z = sd["quantize.embedding.weight"][ids].view(-1, *grid, c.embed_dim).permute(0, 3, 1, 2)
+    h = conv(conv(z, "post_quant_conv", 0), "decoder.conv_in", 1)
+    h = resnet(h, "decoder.mid_block.resnets.0")
+    h = resnet(attention(h, "decoder.mid_block.attentions.0"), "decoder.mid_block.resnets.1")
+    for i in range(len(c.block_out_channels)):
+        for j in range(c.layers_per_block + 1):
+            h = resnet(h, f"decoder.up_blocks.{i}.resnets.{j}")
+        if f"decoder.up_blocks.{i}.upsamplers.0.conv.weight" in sd:
+            h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), f"decoder.up_blocks.{i}.upsamplers.0.conv", 1)
+    return conv(F.silu(gn(h, "decoder.conv_norm_out")), "decoder.conv_out", 1).clip(0, 1)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("dimoo") / "Lumina-DiMOO"
+    t, v = save_reference(path)
+    model = load_base("dimoo", path, "", prompts=PROMPTS, dtype=torch.float32)
+    return model, t, v, AutoTokenizer.from_pretrained(str(path)), path
+
+
+def random_inputs(B=3, seed=1, c=TINY):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, c.codebook_size, (B, c.num_tokens), generator=g)
+    tokens[torch.rand(B, c.num_tokens, generator=g) < 0.5] = c.codebook_size     # mask id K
+    return tokens
+
+
+# --- tests ------------------------------------------------------------------------------------
+def test_geometry_and_shapes(reference):
+    model, t, _, _, _ = reference
+    assert isinstance(model, DiMOOMIGM)
+    assert (model.num_tokens, model.vocab_size, model.mask_id, model.feature_dim, model.num_classes) == \
+        (12, 16, 16, 32, 2)
+    tokens, cond = random_inputs(), torch.tensor([0, 1, 2])
+    f = model.features(tokens, cond)
+    assert f.shape == (3, 12, 32) and model.head(f).shape == (3, 12, 16)
+    emb = model.token_embedding()
+    assert emb.num_embeddings == 16 and torch.equal(emb.weight, t["model.transformer.wte.weight"][48:64])
+    assert model.position_embedding() is None and len(model.layers()) == 2
+    images = model.decode(tokens.clamp(max=15))
+    assert images.shape == (3, 3, 6, 8) and images.min() >= -1 and images.max() <= 1
+
+
+def test_features_and_head_are_the_reference_forward_cond_and_uncond(reference):
+    """One batch mixing two prompt lengths and the unconditional prompt (padded internally)
+    against the reference run one sequence at a time, as inference_t2i.py does."""
+    model, t, _, tok, _ = reference
+    tokens = random_inputs()
+    cond = torch.tensor([1, 0, 2])                                  # 2 = the null condition
+    assert torch.equal(model.null_condition(cond[:1]), torch.tensor([2]))
+    feats = model.features(tokens, cond)
+    for b, prompt in enumerate([PROMPTS[1], PROMPTS[0], None]):
+        ids, where = reference_sequences(tok, tokens[b], prompt)
+        hidden, logits = reference_forward(t, ids)
+        torch.testing.assert_close(feats[b], hidden[where], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.head(feats[b:b + 1])[0], logits[where, 48:64], atol=1e-5, rtol=1e-4)
+
+
+def test_head_at_gathered_positions_is_the_full_grid_logits(reference):
+    model, _, _, _, _ = reference
+    tokens, cond = random_inputs(), torch.tensor([0, 1, 1])
+    f = model.features(tokens, cond)
+    full = model.head(f)                                            # (B, L, K)
+    pos = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(i))[:5] for i in range(3)])
+    part = model.head(f.gather(1, pos[..., None].expand(-1, -1, 32)), positions=pos)
+    torch.testing.assert_close(part, full.gather(1, pos[..., None].expand(-1, -1, 16)))
+
+
+def test_decode_is_the_reference_vq_decoder(reference):
+    model, _, v, _, _ = reference
+    ids = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.decode(ids), reference_decode(v, ids) * 2 - 1, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 16\)"):
+        model.decode(torch.full((1, 12), 16))
+
+
+def test_conditions(reference):
+    model, _, _, _, _ = reference
+    assert torch.equal(model.null_condition(torch.tensor([0, 1])), torch.tensor([2, 2]))
+    model.check_condition(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"prompt index out of range.*table of 2 prompts"):
+        model.check_condition(torch.tensor([2]))
+    with pytest.raises(ValueError, match="int64 prompt indices"):
+        model.check_condition(torch.tensor([0.0]))
+
+
+def test_generate_fills_the_grid_with_codes(reference):
+    model, _, _, _, _ = reference
+    out = generate(model, VanillaSource(model), torch.tensor([0, 1]), 4, seed=0,
+                   sampler=SamplerConfig(cfg_weight=4.0))
+    assert out.tokens.shape == (2, 12)
+    assert (out.tokens >= 0).all() and (out.tokens < model.vocab_size).all()
+    assert out.decode_step.min() == 1 and out.decode_step.max() == 4
+    assert model.decode(out.tokens).shape == (2, 3, 6, 8)
+
+
+def test_bf16_loading_and_prompt_file(reference, tmp_path):
+    model, _, _, _, path = reference
+    (tmp_path / "prompts.txt").write_text("a red cat\n\n a big blue dog on the grass \n")
+    half = load_base("dimoo", path, str(path / "vqvae"), prompts=tmp_path / "prompts.txt",
+                     dtype=torch.bfloat16)
+    assert half.llm.transformer.wte.weight.dtype == torch.bfloat16
+    assert half.vq.quantize.embedding.weight.dtype == torch.float32 and half.num_classes == 2
+    tokens, cond = random_inputs(), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(half.head(half.features(tokens, cond)), model.head(model.features(tokens, cond)),
+                               atol=0.15, rtol=0.05)
+
+
+def test_missing_files_name_them_and_how_to_get_them(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nowhere.*Alpha-VLLM/Lumina-DiMOO"):
+        load_base("dimoo", tmp_path / "nowhere", "")
+    path = tmp_path / "ckpt"
+    save_reference(path)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"shard listed in model\.safetensors\.index\.json not found "
+                                              r"at .*model-00002-of-00002\.safetensors.*Alpha-VLLM"):
+        load_base("dimoo", path, "", prompts=PROMPTS)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json not found at .*ckpt/config\.json"):
+        load_base("dimoo", path, "", prompts=PROMPTS)
+    save_reference(path)
+    (path / "vqvae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"VQ tokenizer weights not found at .*vqvae/diffusion_pytorch"):
+        load_base("dimoo", path, "", prompts=PROMPTS)
+
+
+def test_mismatched_checkpoints_name_the_keys(tmp_path):
+    def drop_key(t, v):
+        del t["model.transformer.blocks.1.up_proj.weight"]
+        t["model.transformer.blocks.2.attn_norm.weight"] = torch.ones(32)
+
+    save_reference(tmp_path / "a", edit=drop_key)
+    with pytest.raises(CheckpointError, match=r"missing keys \['transformer\.blocks\.1\.up_proj\.weight'\]"
+                                              r".*unexpected keys \['transformer\.blocks\.2\.attn_norm\.weight'\]"):
+        load_base("dimoo", tmp_path / "a", "", prompts=PROMPTS)
+
+    save_reference(tmp_path / "b", raw_edit=lambda r: r.update(mlp_hidden_size=40))
+    with pytest.raises(CheckpointError, match=r"MLP 40.*transformer\.blocks\.0\.ff_proj\.weight: "
+                                              r"file \(48, 32\), expected \(40, 32\)"):
+        load_base("dimoo", tmp_path / "b", "", prompts=PROMPTS)
+
+    save_reference(tmp_path / "c", raw_edit=lambda r: r.update(block_type="sequential"))
+    with pytest.raises(CheckpointError, match=r"unsupported LLaDA options \{'block_type': 'sequential'\}"):
+        load_base("dimoo", tmp_path / "c", "", prompts=PROMPTS)
+
+    save_reference(tmp_path / "d", vc=replace(TINY_VQ, num_vq_embeddings=8))
+    with pytest.raises(CheckpointError, match=r"VQ tokenizer has 8 codes.*K = 16"):
+        load_base("dimoo", tmp_path / "d", "", prompts=PROMPTS)
+
+
+def test_released_config_matches_the_reference_sizes():
+    """LLaDA-8B with the 8,192 image codes appended; 64x64 tokens decode to 1024x1024 (aMUSEd VQ)."""
+    c = DiMOOConfig()
+    with torch.device("meta"):
+        llm, vq = LLaDA(c), VQDecoder(VQConfig())
+        images = vq(torch.zeros(1, c.num_tokens, dtype=torch.long), (64, 64))
+    n = sum(p.numel() for p in llm.parameters())
+    assert 8.0e9 < n < 8.2e9, n
+    assert (c.d_model, c.num_tokens, c.image_token_offset + c.codebook_size) == (4096, 4096, c.vocab_size)
+    assert images.shape == (1, 3, 1024, 1024)
+    assert len(llada_shapes(c)) == len(llm.state_dict())
