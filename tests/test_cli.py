@@ -137,3 +137,27 @@ def test_real_models_fail_with_a_message_saying_what_is_missing(tmp_path):
         load_base("maskgit", tmp_path / "MaskGIT_ImageNet_512.pth", tmp_path / "vqgan.pth")
     with pytest.raises(CheckpointError, match="Lumina-DiMOO"):
         load_base("dimoo", tmp_path / "Lumina-DiMOO", "")
+
+
+def test_ckpt_path_does_not_override_the_configs_model_arguments(tmp_path):
+    """`test --ckpt_path C --model.init_args.X v` must evaluate with v, whatever C was trained with."""
+    import torch
+    from lightning import LightningDataModule, LightningModule
+
+    from migm.cli import MigmCLI
+
+    class Parsed(Exception):
+        pass
+
+    class Probe(MigmCLI):                      # stops after parsing, before anything is built
+        def before_instantiate_classes(self):
+            raise Parsed(self.config["test"]["model"]["init_args"])
+
+    ckpt = tmp_path / "trained.ckpt"
+    torch.save({"hyper_parameters": {"lr": 0.5, "evaluation": {"budgets": [4, 6]}}}, ckpt)
+    with pytest.raises(Parsed) as parsed:
+        Probe(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+              args=["test", "--config", str(REPO / "configs/tiny.yaml"), "--ckpt_path", str(ckpt),
+                    "--model.init_args.evaluation.budgets", "[8]", "--model.init_args.lr", "0.01"])
+    args = parsed.value.args[0]
+    assert args["lr"] == 0.01 and args["evaluation"]["budgets"] == [8]

@@ -57,6 +57,18 @@ class LoggedConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
+class MigmCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """The config (with its command-line overrides) decides the module; --ckpt_path only
+        supplies weights and training state.
+
+        Lightning's default replaces the config's model arguments with the hyperparameters saved in
+        the checkpoint, so `test --ckpt_path C --model.init_args.evaluation.budgets "[8]"` silently
+        ran the grid the model was trained with. A network that does not fit the checkpoint still
+        fails loudly, at load_state_dict.
+        """
+
+
 def default_wandb_mode() -> None:
     """W&B offline unless the user configured an API key: runs never need a network, and
     `wandb sync <run dir>` uploads them later."""
@@ -69,7 +81,7 @@ def default_wandb_mode() -> None:
 def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     default_wandb_mode()
-    return LightningCLI(
+    return MigmCLI(
         LightningModule, LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
         seed_everything_default=0, save_config_callback=LoggedConfig,
