@@ -64,6 +64,23 @@ def test_new_tokens_steer_the_prediction_only_with_cross_attention():
         assert moved == changes
 
 
+def test_earlier_tokens_are_seen_only_with_grid_tokens():
+    """The paper's shortcut sees the grid only through f_i and the new tokens; with grid_tokens the
+    tokens decoded before step i reach it too, and the mask id is a valid input."""
+    f, tokens, new, t = _inputs(B=3)
+    tokens[:, :10] = 256                                      # masked positions (mask id = V)
+    new[:, :10] = False
+    old = ~new
+    old[:, :10] = False
+    other = tokens.clone()
+    other[old] = (other[old] + 1) % 256                       # different earlier tokens
+    for grid, changes in ((False, False), (True, True)):
+        net = _perturbed(ShortcutNetwork(ShortcutConfig(grid_tokens=grid)))
+        out = net(f, tokens, new, t)
+        assert torch.isfinite(out).all()
+        assert (not torch.allclose(out, net(f, other, new, t))) == changes
+
+
 def test_time_embedding_and_config_validation():
     e = timestep_embedding(torch.tensor([0.0, 0.5]), 128)
     assert e.shape == (2, 128)
