@@ -25,7 +25,8 @@ from migm.training.schedule import configure
 
 def load_shortcut(name_or_path: str | Path) -> ShortcutNetwork:
     from migm.models.assets import load_module
-    return load_module(name_or_path, "shortcut", lambda c: ShortcutNetwork(ShortcutConfig(**c)))
+    # assets exported before `gelu` was a field were trained with the tanh approximation
+    return load_module(name_or_path, "shortcut", lambda c: ShortcutNetwork(ShortcutConfig(**{"gelu": "tanh", **c})))
 
 
 class ShortcutModule(L.LightningModule):

@@ -33,6 +33,7 @@ class ShortcutConfig:
     mlp_ratio: float = 2.0
     cross_attention: bool = True  # False: the ablation whose first attention is self-attention
     grid_tokens: bool = False     # also add an embedding of every position's current token
+    gelu: str = "none"            # "tanh": the approximation (the shipped shortcut was trained with it)
     time_frequencies: int = 128   # size of the sinusoidal time embedding
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class ShortcutConfig:
             raise ValueError(f"ratio must divide feature_dim ({self.feature_dim}), got {self.ratio}")
         if self.width % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide the bottleneck width {self.width}")
+        if self.gelu not in ("none", "tanh"):
+            raise ValueError(f"gelu must be 'none' or 'tanh', got {self.gelu!r}")
         if self.blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {self.blocks}")
 
@@ -96,9 +99,9 @@ class Attention(nn.Module):
 class MLP(nn.Sequential):
     # Exact (erf) GELU: on a CPU without AVX-512 the tanh approximation took 2.6x as long and 13% of
     # a shortcut call; the base model uses the exact one too.
-    def __init__(self, width: int, ratio: float) -> None:
+    def __init__(self, width: int, ratio: float, gelu: str = "none") -> None:
         hidden = int(width * ratio)
-        super().__init__(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        super().__init__(nn.Linear(width, hidden), nn.GELU(approximate=gelu), nn.Linear(hidden, width))
 
 
 class ShortcutBlock(nn.Module):
@@ -112,7 +115,7 @@ class ShortcutBlock(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(d, elementwise_affine=False, eps=1e-6) for _ in range(4))
         self.context_norm = nn.LayerNorm(d, eps=1e-6)
         self.attn1, self.attn2 = Attention(d, config.heads), Attention(d, config.heads)
-        self.mlp1, self.mlp2 = MLP(d, config.mlp_ratio), MLP(d, config.mlp_ratio)
+        self.mlp1, self.mlp2 = (MLP(d, config.mlp_ratio, config.gelu) for _ in range(2))
         self.modulation = nn.Linear(d, 12 * d)          # (shift, scale, gate) for 4 sub-layers
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
