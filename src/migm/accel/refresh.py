@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class RefreshPlan:
@@ -44,3 +46,27 @@ class RefreshPlan:
 
     def uses_base(self, step: int) -> bool:
         return step in self.base_steps
+
+
+class PlannedSource:
+    """A feature source that runs the base at the plan's steps and `between(ctx)` at the others;
+    subclasses say what happens between base steps (a learned shortcut, plain reuse, ...)."""
+
+    def __init__(self, model, plan: RefreshPlan) -> None:
+        self.model, self.plan = model, plan
+        self.base_calls = self.skipped = 0
+
+    def reset(self) -> None:
+        self.base_calls = self.skipped = 0
+
+    def __call__(self, ctx) -> torch.Tensor:
+        if ctx.steps != self.plan.steps:
+            raise ValueError(f"refresh plan is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
+        if self.plan.uses_base(ctx.step) or ctx.prev_features is None:
+            self.base_calls += 1
+            return self.model.features(ctx.tokens, ctx.cond)
+        self.skipped += 1
+        return self.between(ctx)
+
+    def between(self, ctx) -> torch.Tensor:
+        raise NotImplementedError

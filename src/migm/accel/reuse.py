@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from migm.accel.refresh import RefreshPlan
+from migm.accel.refresh import PlannedSource
 from migm.sampling.loop import StepContext
 
 
-class ReuseSource:
-    def __init__(self, model, plan: RefreshPlan) -> None:
-        self.model, self.plan = model, plan
-        self.base_calls = self.reused = 0
-
-    def reset(self) -> None:
-        self.base_calls = self.reused = 0
-
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.plan.steps:
-            raise ValueError(f"refresh plan is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
-        if self.plan.uses_base(ctx.step) or ctx.prev_features is None:
-            self.base_calls += 1
-            return self.model.features(ctx.tokens, ctx.cond)
-        self.reused += 1
+class ReuseSource(PlannedSource):
+    def between(self, ctx: StepContext) -> torch.Tensor:
         return ctx.prev_features
 
     def counts(self) -> dict[str, int]:
-        return {"base_calls": self.base_calls, "shortcut_calls": 0, "reused": self.reused}
+        return {"base_calls": self.base_calls, "shortcut_calls": 0, "reused": self.skipped}

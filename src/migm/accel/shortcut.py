@@ -11,32 +11,23 @@ from __future__ import annotations
 
 import torch
 
-from migm.accel.refresh import RefreshPlan
+from migm.accel.refresh import PlannedSource, RefreshPlan
 from migm.sampling.loop import StepContext
 from migm.shortcut.network import ShortcutNetwork
 
 
-class ShortcutSource:
+class ShortcutSource(PlannedSource):
     def __init__(self, model, shortcut: ShortcutNetwork, plan: RefreshPlan) -> None:
         if shortcut.config.feature_dim != model.feature_dim:
             raise ValueError(f"shortcut feature_dim {shortcut.config.feature_dim} != base model "
                              f"feature_dim {model.feature_dim}")
-        self.model, self.shortcut, self.plan = model, shortcut, plan
-        self.base_calls = self.shortcut_calls = 0
+        super().__init__(model, plan)
+        self.shortcut = shortcut
 
-    def reset(self) -> None:
-        self.base_calls = self.shortcut_calls = 0
-
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.plan.steps:
-            raise ValueError(f"refresh plan is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
-        if self.plan.uses_base(ctx.step) or ctx.prev_features is None:
-            self.base_calls += 1
-            return self.model.features(ctx.tokens, ctx.cond)
-        self.shortcut_calls += 1
+    def between(self, ctx: StepContext) -> torch.Tensor:
         # the grid the previous features describe is x_{i-2}; the shortcut steps it to x_{i-1}
         t = torch.full((len(ctx.tokens),), ctx.t, device=ctx.tokens.device)
         return self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, t)
 
     def counts(self) -> dict[str, int]:
-        return {"base_calls": self.base_calls, "shortcut_calls": self.shortcut_calls}
+        return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}
