@@ -295,7 +295,7 @@ def test_conditions(reference):
     model, _, _, _, _ = reference
     assert torch.equal(model.null_condition(torch.tensor([0, 1])), torch.tensor([2, 2]))
     model.check_condition(torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"prompt index out of range.*table of 2 prompts"):
+    with pytest.raises(ValueError, match=r"prompt index out of range.*\[0, 2\)"):
         model.check_condition(torch.tensor([2]))
     with pytest.raises(ValueError, match="int64 prompt indices"):
         model.check_condition(torch.tensor([0.0]))

@@ -41,6 +41,7 @@ from torch import nn
 
 from migm.models.amused_vq import VQConfig, VQDecoder
 from migm.models.assets import CheckpointError
+from migm.models.conditions import IdConditions
 from migm.models.registry import HOW_TO_GET
 
 # The condition table when none is given: placeholders so that the class-style callers
@@ -311,7 +312,7 @@ def read_prompts(prompts: Sequence[str] | str | Path | None) -> list[str]:
 
 
 # --- the adapter ------------------------------------------------------------------------------------
-class DiMOOMIGM(nn.Module):
+class DiMOOMIGM(IdConditions, nn.Module):
     """Lumina-DiMOO text-to-image over a grid_height x grid_width token grid (64x64 -> 1024 px).
 
     Conditions: cond (B,) indexes a prompt table fixed at load time (num_classes = its size);
@@ -319,6 +320,8 @@ class DiMOOMIGM(nn.Module):
     loop. Image codes are 0..K-1 and the mask is id K here; `features` maps them to the joint
     vocabulary (126356 + k, 126336).
     """
+
+    condition_name = ("prompt index", "prompt indices")   # cond indexes the prompt table
 
     def __init__(self, llm: LLaDA, vq: VQDecoder, prompt_ids: Sequence[Sequence[int]],
                  prompts: Sequence[str] = ()) -> None:
@@ -377,19 +380,6 @@ class DiMOOMIGM(nn.Module):
         return len(self.prompt_lengths) - 1
 
     # --- conditions -----------------------------------------------------------------------------
-    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional branch of CFG: the "<uncondition>" prompt, last row of the table."""
-        return torch.full_like(cond, self.num_classes)
-
-    def check_condition(self, cond: torch.Tensor) -> None:
-        if cond.dtype != torch.long or cond.ndim != 1:
-            raise ValueError(f"cond must be int64 prompt indices of shape (B,), "
-                             f"got {cond.dtype} {tuple(cond.shape)}")
-        if len(cond) and (cond.min() < 0 or cond.max() >= self.num_classes):
-            raise ValueError(f"prompt index out of range: cond indexes the table of "
-                             f"{self.num_classes} prompts, [0, {self.num_classes}), "
-                             f"got [{int(cond.min())}, {int(cond.max())}]")
-
     # --- the protocol the loop and the accelerators use -----------------------------------------
     def sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """tokens (B, L) with mask id K, cond (B,) in [0, C] -> ids (B, T), valid (B, T) or None,

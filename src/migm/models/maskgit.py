@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import nn
 
 from migm.models.assets import CheckpointError
+from migm.models.conditions import IdConditions
 from migm.models.registry import HOW_TO_GET
 
 
@@ -292,7 +293,7 @@ def load_vqgan_decoder(path: str | Path, config: MaskGITConfig) -> VQGANDecoder:
 
 
 # --- the adapter ------------------------------------------------------------------------------------
-class MaskGITMIGM(nn.Module):
+class MaskGITMIGM(IdConditions, nn.Module):
     """Class-conditional MaskGIT over 32x32 VQGAN tokens of 512x512 ImageNet images."""
 
     def __init__(self, transformer: MaskGITTransformer, vqgan: VQGANDecoder) -> None:
@@ -329,18 +330,6 @@ class MaskGITMIGM(nn.Module):
         return self.config.num_classes
 
     # --- conditions -----------------------------------------------------------------------------
-    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional branch of CFG: class C, i.e. the reference's dropped label."""
-        return torch.full_like(cond, self.num_classes)
-
-    def check_condition(self, cond: torch.Tensor) -> None:
-        if cond.dtype != torch.long or cond.ndim != 1:
-            raise ValueError(f"cond must be int64 class ids of shape (B,), "
-                             f"got {cond.dtype} {tuple(cond.shape)}")
-        if len(cond) and (cond.min() < 0 or cond.max() >= self.num_classes):
-            raise ValueError(f"class id out of range: cond must lie in [0, {self.num_classes}), "
-                             f"got [{int(cond.min())}, {int(cond.max())}]")
-
     # --- the protocol the loop and the accelerators use -----------------------------------------
     def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) with mask ids, cond (B,) -> last hidden state before the head (B, L, D)."""

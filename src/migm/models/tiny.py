@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from migm.models.assets import ASSET_DIR, load_module
+from migm.models.conditions import IdConditions
 from migm.models.tokenizer import TokenizerConfig, VQTokenizer
 from migm.models.transformer import MaskedTransformer, TransformerConfig
 
@@ -24,7 +25,7 @@ def load_transformer(name_or_path: str | Path = "base.pt", asset_dir: Path = ASS
     return load_module(name_or_path, "base", lambda c: MaskedTransformer(TransformerConfig(**c)), asset_dir)
 
 
-class TinyMIGM(nn.Module):
+class TinyMIGM(IdConditions, nn.Module):
     """Class-conditional MIGM over 7x7 VQ tokens of 28x28 Fashion-MNIST images."""
 
     def __init__(self, transformer: MaskedTransformer, tokenizer: VQTokenizer) -> None:
@@ -65,17 +66,6 @@ class TinyMIGM(nn.Module):
         return self.transformer.config.num_classes
 
     # --- conditions -----------------------------------------------------------------------------
-    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional branch of CFG: the null class, same batch shape."""
-        return torch.full_like(cond, self.num_classes)
-
-    def check_condition(self, cond: torch.Tensor) -> None:
-        if cond.dtype != torch.long or cond.ndim != 1:
-            raise ValueError(f"cond must be int64 class ids of shape (B,), got {cond.dtype} {tuple(cond.shape)}")
-        if len(cond) and (cond.min() < 0 or cond.max() >= self.num_classes):
-            raise ValueError(f"class id out of range: cond must lie in [0, {self.num_classes}), "
-                             f"got [{int(cond.min())}, {int(cond.max())}]")
-
     # --- the protocol the loop and the accelerators use -----------------------------------------
     def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) with mask ids, cond (B,) -> last-layer features (B, L, D)."""
