@@ -7,22 +7,6 @@ from migm.sampling.loop import VanillaSource, generate
 from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
 
 
-@pytest.mark.parametrize("steps,budget", [(32, 9), (64, 14), (16, 4), (10, 10), (7, 1)])
-def test_uniform_plan_is_the_papers_formula(steps, budget):
-    plan = RefreshPlan.uniform(steps, budget)
-    assert sorted(plan.base_steps) == sorted({1 + (j * steps) // budget for j in range(budget)})
-    assert plan.budget == budget and 1 in plan.base_steps
-
-
-def test_plan_errors_name_the_problem():
-    with pytest.raises(ValueError, match="budget"):
-        RefreshPlan.uniform(8, 9)
-    with pytest.raises(ValueError, match="step 1"):
-        RefreshPlan.explicit(8, [2, 5])
-    with pytest.raises(ValueError, match="outside"):
-        RefreshPlan.explicit(8, [1, 9])
-
-
 def _shortcut(model):
     torch.manual_seed(0)
     net = ShortcutNetwork(ShortcutConfig(feature_dim=model.feature_dim, vocab_size=model.vocab_size,
@@ -71,3 +55,24 @@ def test_mismatched_plan_or_width_is_refused(small_migm):
     source = ShortcutSource(small_migm, _shortcut(small_migm), RefreshPlan.uniform(8, 2))
     with pytest.raises(ValueError, match="N=8"):
         generate(small_migm, source, torch.arange(2), 6)
+
+
+class _Recorder:
+    def __init__(self, source):
+        self.source, self.seen = source, []
+
+    def on_step(self, ctx, features, new_tokens, revealed):
+        self.seen.append((ctx.step, self.source.step_temperature))
+
+
+def test_temperature_applies_on_shortcut_steps_only(small_migm):
+    plan = RefreshPlan.uniform(8, 3)
+    source = ShortcutSource(small_migm, _shortcut(small_migm), plan, temperature=1.3)
+    rec = _Recorder(source)
+    generate(small_migm, source, torch.arange(4) % 10, 8, seed=0, observers=[rec])
+    assert rec.seen == [(i, 1.0 if plan.uses_base(i) else 1.3) for i in range(1, 9)]
+    cold = generate(small_migm, ShortcutSource(small_migm, _shortcut(small_migm), plan), torch.arange(4) % 10, 8, seed=0)
+    hot = generate(small_migm, source, torch.arange(4) % 10, 8, seed=0)
+    assert not torch.equal(cold.tokens, hot.tokens)
+    with pytest.raises(ValueError, match="temperature"):
+        ShortcutSource(small_migm, _shortcut(small_migm), plan, temperature=0.0)

@@ -63,3 +63,16 @@ def test_gumbel_noise_is_finite_and_standard():
     g = gumbel(torch.Size([200_000]), torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.isfinite(g).all()
     assert g.mean().item() == pytest.approx(0.5772, abs=0.01)       # Euler-Mascheroni constant
+
+
+class _HotVanilla(VanillaSource):
+    step_temperature = 2.0          # a source asking for temperature 2 at every step
+
+
+def test_source_step_temperature_divides_the_logits(small_migm):
+    """A source's step_temperature must act exactly like the sampler's temperature."""
+    cond = torch.arange(6) % 10
+    a = generate(small_migm, _HotVanilla(small_migm), cond, 6, seed=4)
+    b = generate(small_migm, VanillaSource(small_migm), cond, 6, seed=4, sampler=SamplerConfig(temperature=2.0))
+    c = generate(small_migm, VanillaSource(small_migm), cond, 6, seed=4)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)

@@ -40,6 +40,25 @@ class RefreshPlan:
     def explicit(cls, steps: int, base_steps: list[int]) -> RefreshPlan:
         return cls(steps, frozenset(base_steps))
 
+    @classmethod
+    def front_loaded(cls, steps: int, budget: int, power: float) -> RefreshPlan:
+        """Base at 1 + floor(N (j/B)^power), j = 0..B-1: power 1 is the paper's uniform plan,
+        power > 1 spends more base calls early. Early steps fix the image's layout and every
+        later step builds on them, so an extrapolation error there costs the most (README: the
+        plan measured). Colliding steps are moved one later, so the plan keeps B distinct steps.
+        """
+        if not 1 <= budget <= steps:
+            raise ValueError(f"budget B must satisfy 1 <= B <= N={steps}, got {budget}")
+        if power < 1:
+            raise ValueError(f"power must be >= 1 (1 = uniform), got {power}")
+        if power == 1:
+            return cls.uniform(steps, budget)
+        base = [1]
+        for j in range(1, budget):
+            at = 1 + int(steps * (j / budget) ** power + 1e-9)
+            base.append(min(max(at, base[-1] + 1), steps - (budget - 1 - j)))
+        return cls(steps, frozenset(base))
+
     @property
     def budget(self) -> int:
         return len(self.base_steps)
@@ -50,11 +69,20 @@ class RefreshPlan:
 
 class PlannedSource:
     """A feature source that runs the base at the plan's steps and `between(ctx)` at the others;
-    subclasses say what happens between base steps (a learned shortcut, plain reuse, ...)."""
+    subclasses say what happens between base steps (a learned shortcut, plain reuse, ...).
 
-    def __init__(self, model, plan: RefreshPlan) -> None:
-        self.model, self.plan = model, plan
+    `temperature` divides the guided logits on the steps it does not give to the base: a
+    regression-trained shortcut predicts the mean of the possible next features, and logits of a
+    mean are sharper than the mean of the logits, so its samples lose diversity unless tempered
+    (README: measured). The loop reads `step_temperature` after each call.
+    """
+
+    def __init__(self, model, plan: RefreshPlan, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model, self.plan, self.temperature = model, plan, temperature
         self.base_calls = self.skipped = 0
+        self.step_temperature = 1.0
 
     def reset(self) -> None:
         self.base_calls = self.skipped = 0
@@ -64,8 +92,10 @@ class PlannedSource:
             raise ValueError(f"refresh plan is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
         if self.plan.uses_base(ctx.step) or ctx.prev_features is None:
             self.base_calls += 1
+            self.step_temperature = 1.0
             return self.model.features(ctx.tokens, ctx.cond)
         self.skipped += 1
+        self.step_temperature = self.temperature
         return self.between(ctx)
 
     def between(self, ctx) -> torch.Tensor:

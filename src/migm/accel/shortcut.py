@@ -17,11 +17,11 @@ from migm.shortcut.network import ShortcutNetwork
 
 
 class ShortcutSource(PlannedSource):
-    def __init__(self, model, shortcut: ShortcutNetwork, plan: RefreshPlan) -> None:
+    def __init__(self, model, shortcut: ShortcutNetwork, plan: RefreshPlan, temperature: float = 1.0) -> None:
         if shortcut.config.feature_dim != model.feature_dim:
             raise ValueError(f"shortcut feature_dim {shortcut.config.feature_dim} != base model "
                              f"feature_dim {model.feature_dim}")
-        super().__init__(model, plan)
+        super().__init__(model, plan, temperature)
         self.shortcut = shortcut
 
     def between(self, ctx: StepContext) -> torch.Tensor:

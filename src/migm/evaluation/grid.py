@@ -47,6 +47,8 @@ class GridConfig:
     shortcut_steps: list[int] = field(default_factory=lambda: [16, 32])
     budgets: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     reuse: bool = False                # also feature reuse at every shortcut (N, B): the untrained floor
+    plan_power: float = 1.0            # base at 1 + floor(N (j/B)^p): 1 = the paper's uniform plan, > 1 front-loads
+    shortcut_temperature: float = 1.0  # divides the logits on shortcut steps (its features are a regression mean)
     reference_steps: int = 32          # speedup = latency(vanilla at this N) / latency(method)
     schedule: str = "arccos"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -65,14 +67,16 @@ class GridConfig:
         return points
 
 
-def make_source(model, point: GridPoint, shortcut: nn.Module | None):
+def make_source(model, point: GridPoint, shortcut: nn.Module | None, plan_power: float = 1.0,
+                shortcut_temperature: float = 1.0):
     if point.method == "vanilla":
         return VanillaSource(model)
+    refresh = RefreshPlan.front_loaded(point.steps, point.budget, plan_power)
     if point.method == "reuse":
-        return ReuseSource(model, RefreshPlan.uniform(point.steps, point.budget))
+        return ReuseSource(model, refresh)
     if shortcut is None:
         raise ValueError(f"{point.label}: a shortcut configuration needs a shortcut network")
-    return ShortcutSource(model, shortcut, RefreshPlan.uniform(point.steps, point.budget))
+    return ShortcutSource(model, shortcut, refresh, shortcut_temperature)
 
 
 class EvaluationGrid(nn.Module):
@@ -86,7 +90,8 @@ class EvaluationGrid(nn.Module):
         self.kept: dict[GridPoint, list[torch.Tensor]] = {p: [] for p in self.points}
 
     def generate(self, point: GridPoint, cond: torch.Tensor, seed: int):
-        source = make_source(self.model, point, self.shortcut)
+        source = make_source(self.model, point, self.shortcut, self.config.plan_power,
+                             self.config.shortcut_temperature)
         return generate(self.model, source, cond, point.steps, schedule=self.config.schedule,
                         sampler=self.config.sampler, seed=seed)
 
@@ -130,7 +135,9 @@ class EvaluationGrid(nn.Module):
                          "shortcut_calls": calls.get("shortcut_calls"),
                          "latency_ms_per_image": lat.ms_per_image, "latency_batch": lat.batch_size,
                          "threads": lat.threads, "device": lat.device, **costs,
-                         "schedule": c.schedule, **asdict(c.sampler)})
+                         "schedule": c.schedule, "plan_power": None if point.method == "vanilla" else c.plan_power,
+                         "shortcut_temperature": c.shortcut_temperature if point.method == "shortcut" else None,
+                         **asdict(c.sampler)})
         ref = next(r for r in rows if r["method"] == "vanilla" and r["steps"] == c.reference_steps)
         for r in rows:
             r["reference_steps"] = c.reference_steps

@@ -33,6 +33,9 @@ class StepContext:
 
 
 class FeatureSource(Protocol):
+    """Optionally also `step_temperature`: read after each call, it divides that step's guided
+    logits (an accelerator's calibration of the features it extrapolated; 1 when absent)."""
+
     def reset(self) -> None:
         """Forget per-trajectory state before a new batch is generated."""
 
@@ -106,7 +109,7 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
         positions = stack(masked_pos)                                   # (branches*B, M)
         index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
         scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
-        logits = guide(scored, sampler.cfg_weight)                                      # (B, M, K)
+        logits = guide(scored, sampler.cfg_weight) / getattr(source, "step_temperature", 1.0)  # (B, M, K)
         drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator)
         revealed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, masked_pos, keep)
         tokens = tokens.scatter(1, masked_pos, torch.where(keep, drawn, mask_id))
