@@ -1,5 +1,6 @@
 """Shortcut training through the CLI on real recorded trajectories of the shipped base."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,3 +122,20 @@ def test_evaluation_callback_scores_a_small_grid_during_fit(recorded, tmp_path, 
     assert [r["label"] for r in rows] == ["N4", "N4/B2"] and all(r["num_samples"] == 20 for r in rows)
     metrics = (next((tmp_path / "run/csv").rglob("metrics.csv"))).read_text()
     assert "fit_eval/shortcut_N4_B2/fid_classifier" in metrics
+
+
+def test_shipped_weights_load_into_either_gelu_form_but_not_another_architecture():
+    from migm.shortcut.module import load_shortcut, shipped_weights
+    from migm.shortcut.network import ShortcutNetwork
+
+    shipped = load_shortcut("shortcut.pt")
+    for gelu in ("none", "tanh"):
+        config = dataclasses.replace(shipped.config, gelu=gelu)
+        net = ShortcutNetwork(config).eval()
+        net.load_state_dict(shipped_weights("shortcut.pt", config))
+        f, tokens = torch.randn(2, 49, 192), torch.randint(0, 256, (2, 49))
+        new, t = torch.rand(2, 49) < 0.1, torch.rand(2)
+        # the two GELU forms differ by < 1e-3 per activation: the outputs nearly agree
+        torch.testing.assert_close(net(f, tokens, new, t), shipped(f, tokens, new, t), rtol=0, atol=1e-2)
+    with pytest.raises(ValueError, match="shortcut.pt: shortcut config .* differs"):
+        shipped_weights("shortcut.pt", dataclasses.replace(shipped.config, heads=2))
