@@ -11,9 +11,13 @@ from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.report import finish_evaluation
 
 
-def small_grid() -> GridConfig:
+def small_grid(like: GridConfig | None = None) -> GridConfig:
+    """A few configurations, sampled the way `like` (the module's `test` grid) samples, so the
+    numbers logged during fit are the ones `test` will report."""
+    knobs = {} if like is None else {"sampler": like.sampler, "plan_power": like.plan_power,
+                                     "shortcut_temperature": like.shortcut_temperature}
     return GridConfig(vanilla_steps=[8, 16], shortcut_steps=[16], budgets=[4, 8], reference_steps=16,
-                      latency_batch=32, latency_repeats=1, keep_images=10)
+                      latency_batch=32, latency_repeats=1, keep_images=10, **knobs)
 
 
 class EvaluationCallback(Callback):
@@ -25,13 +29,14 @@ class EvaluationCallback(Callback):
             every_n_epochs: evaluate after every k-th training epoch.
             num_samples: images per configuration, split over ranks.
             batch_size: generation batch size.
-            grid: configurations to run (default: vanilla N=8,16; shortcut N=16 at B=4,8).
+            grid: configurations to run (default: vanilla N=8,16; shortcut N=16 at B=4,8, with
+                the sampler and inference knobs of the module's `evaluation`).
             features: FID feature space (classifier or inception).
             classifier: classifier weights.
             reference_samples: test images in the FID reference.
         """
         self.every, self.num_samples, self.batch_size = every_n_epochs, num_samples, batch_size
-        self.grid = grid or small_grid()
+        self.grid = grid
         self.features, self.classifier, self.reference_samples = features, classifier, reference_samples
         self._metrics = None
 
@@ -44,12 +49,13 @@ class EvaluationCallback(Callback):
             self._metrics = quality_metrics(self.features, self.classifier, self.reference_samples,
                                             pl_module.device)
         base = pl_module.base
-        grid = EvaluationGrid(base, pl_module.ema, self._metrics, self.grid).to(pl_module.device)
+        config = self.grid or small_grid(getattr(pl_module, "evaluation", None))
+        grid = EvaluationGrid(base, pl_module.ema, self._metrics, config).to(pl_module.device)
         # rank r takes batches r, r + W, ...: every rank works, FID is synchronised on compute
         starts = range(trainer.global_rank * self.batch_size, self.num_samples,
                        trainer.world_size * self.batch_size)
         for start in starts:
             index = torch.arange(start, min(start + self.batch_size, self.num_samples))
-            grid.update((index % base.num_classes).to(pl_module.device), seed=self.grid.seed + start)
+            grid.update((index % base.num_classes).to(pl_module.device), seed=config.seed + start)
         out = f"{trainer.default_root_dir}/fit_eval/epoch_{trainer.current_epoch:03d}"
         finish_evaluation(grid, trainer, out, prefix="fit_eval")
