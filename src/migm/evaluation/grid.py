@@ -48,7 +48,7 @@ class GridConfig:
     budgets: list[int] = field(default_factory=lambda: [4, 6, 8, 10])
     reuse: bool = False                # also feature reuse at every shortcut (N, B): the untrained floor
     plan_power: float = 1.0            # base at 1 + floor(N (j/B)^p): 1 = the paper's uniform plan, > 1 front-loads
-    shortcut_temperature: float = 1.0  # divides the logits on shortcut steps (its features are a regression mean)
+    shortcut_temperature: float = 1.0  # divides the logits on steps the base skips (shortcut or reuse)
     reference_steps: int = 32          # speedup = latency(vanilla at this N) / latency(method)
     schedule: str = "arccos"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -73,7 +73,7 @@ def make_source(model, point: GridPoint, shortcut: nn.Module | None, plan_power:
         return VanillaSource(model)
     refresh = RefreshPlan.front_loaded(point.steps, point.budget, plan_power)
     if point.method == "reuse":
-        return ReuseSource(model, refresh)
+        return ReuseSource(model, refresh, shortcut_temperature)   # the floor, sampled alike
     if shortcut is None:
         raise ValueError(f"{point.label}: a shortcut configuration needs a shortcut network")
     return ShortcutSource(model, shortcut, refresh, shortcut_temperature)
@@ -136,7 +136,7 @@ class EvaluationGrid(nn.Module):
                          "latency_ms_per_image": lat.ms_per_image, "latency_batch": lat.batch_size,
                          "threads": lat.threads, "device": lat.device, **costs,
                          "schedule": c.schedule, "plan_power": None if point.method == "vanilla" else c.plan_power,
-                         "shortcut_temperature": c.shortcut_temperature if point.method == "shortcut" else None,
+                         "shortcut_temperature": None if point.method == "vanilla" else c.shortcut_temperature,
                          **asdict(c.sampler)})
         ref = next(r for r in rows if r["method"] == "vanilla" and r["steps"] == c.reference_steps)
         for r in rows:
