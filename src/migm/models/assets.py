@@ -4,14 +4,25 @@ Each asset is a `torch.save`d dict {"kind", "config", "state_dict"} with fp16 we
 manifest (assets/manifest.json) records its sha256, size, the command that made it, and the
 metrics measured on it. Loading checks the hash first, so a truncated or edited file fails loudly
 instead of producing subtly wrong samples.
+
+How a name is resolved (the same rule everywhere a weight file is named):
+- a path that exists is that file, always (relative to the working directory or absolute);
+- otherwise a bare name (no directory part) listed in the package manifest is that asset;
+- anything else is a CheckpointError naming it. `mine/base.pt` is never the shipped base.pt.
+Any file with a manifest.json beside it that lists its name (the package assets, and every file
+`save_checkpoint` wrote) is hash-checked, whichever way it was named.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import secrets
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +32,9 @@ from torch import nn
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST = "manifest.json"
+ORPHAN_AGE_S = 24 * 3600        # another host's temporary older than this is an orphan
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -35,19 +49,74 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(tmp_path) then rename onto `path`, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def temp_path(path: Path) -> Path:
+    """`.<name>.<host>.<pid>.<random>.tmp` beside `path`: the writer stays readable in the name, so
+    a later run can tell a killed writer's orphan from a live writer's file."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _alive(pid: int) -> bool:
     try:
-        write(Path(tmp))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process: alive
+        return True
+    return True
+
+
+def _is_orphan(tmp: Path, name: str | None) -> bool:
+    """Same host and a dead pid, a name without a writer (older versions), or another host's
+    file: at once when cleaning a whole directory before anything writes (name None), else
+    once it is older than ORPHAN_AGE_S."""
+    rest = tmp.name[1:-len(".tmp")]
+    if name is not None:
+        rest = rest[len(name) + 1:]                      # drop "<name>."
+    parts = rest.rsplit(".", 2)                          # [..host], pid, random
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True
+    host = socket.gethostname()
+    if parts[0] == host or (name is None and parts[0].endswith("." + host)):
+        return not _alive(int(parts[1]))
+    return name is None or time.time() - tmp.stat().st_mtime > ORPHAN_AGE_S
+
+
+def remove_orphans(directory: Path, name: str | None = None) -> list[Path]:
+    """Delete temporaries a killed writer left in `directory` (of target `name`, or all of them
+    when None: call that only before anything of this run writes there); logs each one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    pattern = f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"
+    removed = []
+    for tmp in sorted(directory.glob(pattern)):
+        try:
+            if tmp.is_file() and _is_orphan(tmp, name):
+                tmp.unlink()
+                removed.append(tmp)
+                log.warning("removed orphan temporary file %s (left by a killed writer)", tmp)
+        except FileNotFoundError:                        # its writer finished meanwhile
+            pass
+    return removed
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(tmp_path) then rename onto `path`, so readers never see a half-written file.
+
+    Orphans of the same target from a killed writer are removed first (logged)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path.parent, path.name)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)            # mkstemp makes 0600; keep the usual file mode
+        os.chmod(tmp, 0o666 & ~umask)            # keep the usual file mode
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -55,25 +124,65 @@ def read_manifest(asset_dir: Path = ASSET_DIR) -> dict[str, Any]:
     path = Path(asset_dir) / MANIFEST
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def first_nonfinite(named) -> str | None:
+    """The name of the first floating tensor in (name, value) pairs with a NaN or inf; None if none."""
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def _is_bare(name_or_path: str | Path) -> bool:
+    raw = os.fspath(name_or_path)
+    return "/" not in raw and os.sep not in raw
+
+
+def resolve_checkpoint(name_or_path: str | Path, asset_dir: Path = ASSET_DIR) -> Path:
+    """The file a weight name means: an existing path is that file; otherwise a bare manifest
+    name is the shipped asset; otherwise CheckpointError."""
+    path, asset_dir = Path(name_or_path), Path(asset_dir)
+    shipped = read_manifest(asset_dir)
+    if path.exists():
+        if _is_bare(name_or_path) and path.name in shipped and not (
+                (asset_dir / path.name).exists() and path.samefile(asset_dir / path.name)):
+            log.warning("%s: loading the file in the working directory (%s), not the shipped asset "
+                        "of that name", name_or_path, path.resolve())
+        return path
+    if _is_bare(name_or_path) and path.name in shipped:
+        return asset_dir / path.name
+    hint = (f"not a file, nor a shipped asset name ({', '.join(sorted(shipped)) or 'none'})"
+            if _is_bare(name_or_path) else "no such file")
+    raise CheckpointError(
+        f"checkpoint {os.fspath(name_or_path)} not found: {hint}. The embedded default's "
+        "weights ship in src/migm/assets; rebuild them with `make base`.")
+
+
+def checkpoint_digest(name_or_path: str | Path, asset_dir: Path = ASSET_DIR) -> str:
+    """sha256 of the file a weight name means (see resolve_checkpoint); for a checkpoint
+    directory (Lumina-DiMOO), sha256 over its files' relative names and sha256s (hidden entries,
+    such as a hub cache, left out). Provenance records this, never the name."""
+    path = resolve_checkpoint(name_or_path, asset_dir)
+    if not path.is_dir():
+        return sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    lines = "".join(f"{p.relative_to(path).as_posix()}\t{sha256(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def load_checkpoint(name_or_path: str | Path, kind: str, asset_dir: Path = ASSET_DIR) -> dict:
-    """Load a weight file by manifest name (e.g. 'base.pt') or by path, checking its sha256.
-
-    A path outside the manifest is loaded without a hash check (it is the user's own file), but
-    its `kind` must still match.
-    """
-    asset_dir = Path(asset_dir)
-    path = Path(name_or_path)
-    entry = read_manifest(asset_dir).get(path.name) if not path.is_absolute() else None
-    if entry is not None or not path.exists():
-        path = asset_dir / path.name if entry is not None else path
-    if not path.exists():
-        raise CheckpointError(
-            f"checkpoint {name_or_path!s} ({kind}) not found at {path}. The embedded default's "
-            "weights ship in src/migm/assets; rebuild them with `make base`.")
-    if entry is not None:
+    """Load a weight file by name or path (see resolve_checkpoint), checking its sha256 against
+    the manifest beside it when there is one, and its `kind`."""
+    path = resolve_checkpoint(name_or_path, asset_dir)
+    beside = read_manifest(path.parent)
+    entry = beside.get(path.name) if isinstance(beside, dict) else None
+    if isinstance(entry, dict) and "sha256" in entry:
         digest = sha256(path)
         if digest != entry["sha256"]:
             raise CheckpointError(
@@ -104,8 +213,12 @@ def load_module(name_or_path: str | Path, kind: str, build: Callable[[dict], nn.
 
 def save_checkpoint(path: Path, kind: str, config: dict, state_dict: dict[str, torch.Tensor],
                     command: str, metrics: dict[str, float] | None = None) -> str:
-    """Write an fp16 asset atomically and record it in the manifest beside it; returns sha256."""
+    """Write an fp16 asset atomically and record it in the manifest beside it; returns sha256.
+    Non-finite weights are refused: an asset is never written from a diverged run."""
     path = Path(path)
+    bad = first_nonfinite(state_dict.items())
+    if bad is not None:
+        raise CheckpointError(f"{path}: not written: tensor '{bad}' has NaN or infinite values")
     small = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
     atomic_write_bytes(path, lambda tmp: torch.save(
         {"kind": kind, "config": config, "state_dict": small}, tmp))
