@@ -105,6 +105,16 @@ class MaskGITTransformer(nn.Module):
             h = block(h)
         return self.last_layer(h)[:, :-1]                # the class token's output is never read
 
+    def sequence_features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """features() before the class slot is dropped: (B, L + 1, D), grid then class token
+        (the reference's ret_last_feat, which its official shortcut evolves)."""
+        cls = cond + self.config.codebook_size + 1
+        h = self.tok_emb(torch.cat([tokens, cls[:, None]], 1)) + self.pos_emb   # (B, L+1, D)
+        h = self.first_layer(h)
+        for block in self.blocks:
+            h = block(h)
+        return self.last_layer(h)
+
     def head(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, M, D) at grid positions (B, M) -> logits over the K codes (B, M, K)."""
         K, L = self.config.codebook_size, self.config.num_tokens
@@ -338,6 +348,18 @@ class MaskGITMIGM(IdConditions, nn.Module):
     def head(self, features: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """features (B, M, D) at grid positions (B, M), None = the whole grid -> logits (B, M, K)."""
         return self.transformer.head(features, positions)
+
+    # --- the whole input sequence (accel/sequence.py's contract) ---------------------------------
+    def sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        """tokens (B, L), cond (B,) -> the input ids (B, L + 1) (grid, then class id K + 1 + cond),
+        no padding (None), grid positions (B, L) = 0..L-1: the class slot sits last."""
+        ids = torch.cat([tokens, (cond + self.config.codebook_size + 1)[:, None]], 1)
+        grid = torch.arange(self.num_tokens, device=tokens.device).expand(len(tokens), -1)
+        return ids, None, grid
+
+    def sequence_features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The last-layer state at all L + 1 positions (B, L + 1, D); [:, :L] is `features`."""
+        return self.transformer.sequence_features(tokens, cond)
 
     def token_embedding(self) -> nn.Embedding:
         """Rows [0, K) are the codes, K the mask, then the C classes and the null class."""
