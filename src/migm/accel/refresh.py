@@ -2,7 +2,15 @@
 
 The paper's plan is uniform: with budget B the base runs at steps 1 + floor(jN/B), j = 0..B-1,
 so step 1 (the all-mask grid, where there is no previous feature to extrapolate) always gets the
-base. A plan is its own small object so other schedules (front-loaded, adaptive) slot in later.
+base. The released shortcut code rounds instead of flooring (`official`), which moves some base
+calls one step later (15/7: 1,3,5,7,10,12,14 against the floor's 1,3,5,7,9,11,13). A plan is its
+own small object so other schedules (front-loaded, adaptive) slot in beside them.
+
+Reference facts this relies on: Kaiwen-Zhu/MIGM-Shortcut@93349c4
+MaskGIT-Shortcut/Trainer/vit.py `sample_shortcut` (l.483-496) and DiMOO-Shortcut/generators/
+image_generation_generator.py `generate_image_shortcut` (l.407-419): 0-indexed, refresh[0] = True,
+then s_k = max(s_{k-1} + 1, round(N * (k / B))) for k = 1..B-1 with Python's round (half to even)
+on the float N * (k / B); it asserts B >= 2 and that B steps result.
 """
 
 from __future__ import annotations
@@ -10,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+PLANS = ("uniform", "official", "front_loaded")
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,30 @@ class RefreshPlan:
         if not 1 <= budget <= steps:
             raise ValueError(f"budget B must satisfy 1 <= B <= N={steps}, got {budget}")
         return cls(steps, frozenset(1 + (j * steps) // budget for j in range(budget)))
+
+    @classmethod
+    def official(cls, steps: int, budget: int) -> RefreshPlan:
+        """The MIGM-Shortcut code's plan: 0-indexed s_0 = 0, s_k = max(s_{k-1} + 1,
+        round(N k / B)), base at s_k + 1. B = 1 gives step 1 alone (the reference asserts B >= 2).
+        """
+        if not 1 <= budget <= steps:
+            raise ValueError(f"budget B must satisfy 1 <= B <= N={steps}, got {budget}")
+        base = [0]
+        for k in range(1, budget):
+            base.append(max(base[-1] + 1, round(steps * (k / budget))))
+        return cls(steps, frozenset(s + 1 for s in base))
+
+    @classmethod
+    def named(cls, plan: str, steps: int, budget: int, power: float = 1.0) -> RefreshPlan:
+        """A plan chosen by name in a config: "uniform" (the paper), "official" (the released
+        code), or "front_loaded" (with `power`; power 1 is uniform)."""
+        if plan == "uniform":
+            return cls.uniform(steps, budget)
+        if plan == "official":
+            return cls.official(steps, budget)
+        if plan == "front_loaded":
+            return cls.front_loaded(steps, budget, power)
+        raise ValueError(f"plan must be one of {list(PLANS)}, got {plan!r}")
 
     @classmethod
     def explicit(cls, steps: int, base_steps: list[int]) -> RefreshPlan:
