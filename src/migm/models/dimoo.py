@@ -42,6 +42,7 @@ from torch import nn
 from migm.models.amused_vq import VQConfig, VQDecoder
 from migm.models.assets import CheckpointError
 from migm.models.conditions import IdConditions
+from migm.models.layers import LayerShape, Stream
 from migm.models.registry import HOW_TO_GET
 
 # The condition table when none is given: placeholders so that the class-style callers
@@ -136,6 +137,14 @@ def rope_tables(T: int, head_dim: int, theta: float, device: torch.device) -> to
     return torch.stack([freqs.cos(), freqs.sin()])
 
 
+def rope_at(rows: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """(2, B, 1, M, head_dim) cos and sin at sequence rows (B, M): `rope_tables` gathered at any
+    rows (the same fp32 products), shaped to broadcast over heads."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=rows.device, dtype=torch.float) / head_dim)
+    freqs = (rows.float()[..., None] * inv).repeat(1, 1, 2)                         # (B, M, d)
+    return torch.stack([freqs.cos(), freqs.sin()]).unsqueeze(2)
+
+
 def rotate(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """x (B, h, T, d): RoPE in fp32 over (first half, second half) pairs, back in x's dtype."""
     xf = x.float()
@@ -167,6 +176,29 @@ class LLaDABlock(nn.Module):
         x = x + self.attn_out(rearrange(a, "b h t d -> b t (h d)"))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+    # --- per-layer access (models/layers.py: LayerAccess); forward above is these in order ---
+    def attn_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attn_norm(h)
+
+    def project(self, x: torch.Tensor, pe: torch.Tensor, which: str = "qkv") -> tuple[torch.Tensor, ...]:
+        """x (B, M, D), pe (2, B, 1, M, d) from `rope_at` -> q (B, H, M, d) and k (B, Hkv, M, d)
+        rotated at their rows, v (B, Hkv, M, d); k and v keep the kv heads (cache them small)."""
+        maps = {"q": (self.q_proj, self.heads), "k": (self.k_proj, self.kv_heads),
+                "v": (self.v_proj, self.kv_heads)}
+        out = []
+        for part in which:
+            proj, heads = maps[part]
+            y = rearrange(proj(x), "b t (h d) -> b h t d", h=heads)
+            out.append(y if part == "v" else rotate(y, pe))
+        return tuple(out)
+
+    def project_attn(self, a: torch.Tensor) -> torch.Tensor:
+        return self.attn_out(a)
+
+    def mlp_branch(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.ff_norm(h)
+        return self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
 
 class LLaDA(nn.Module):
@@ -443,3 +475,35 @@ class DiMOOMIGM(IdConditions, nn.Module):
                              f"got [{int(tokens.min())}, {int(tokens.max())}]")
         grid = (self.config.grid_height, self.config.grid_width)
         return self.vq(tokens.to(self.vq.quantize.embedding.weight.device), grid) * 2 - 1
+
+    # --- per-layer access (models/layers.py: LayeredBase) ----------------------------------------
+    def embed_sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> Stream:
+        """`sequence`'s rows embedded: prompt, then the generated part (<answer><boi>, H rows of
+        W codes + newline, <eoi><eoa>), then right padding (masked as keys)."""
+        c = self.config
+        seq, valid, grid = self.sequence(tokens, cond)
+        B, T = seq.shape
+        G = 4 + c.grid_height * (c.grid_width + 1)
+        start = self.prompt_lengths[cond][:, None]                                 # (B, 1)
+        generated = start + torch.arange(G, device=seq.device)                     # (B, G)
+        rows = torch.arange(T, device=seq.device).expand(B, T)
+        in_context = (rows < start) | (rows >= start + G)
+        context = rows[in_context].view(B, T - G)                                  # (B, P)
+        return Stream(self.llm.transformer.wte(seq), grid, generated, context, valid)
+
+    def position_encoding(self, rows: torch.Tensor) -> torch.Tensor:
+        """RoPE at the rows' sequence positions (rows start at 0 in every right-padded row)."""
+        c = self.config
+        return rope_at(rows, c.d_model // c.n_heads, c.rope_theta)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.llm.transformer.ln_f(h)
+
+    def row_logits(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def layer_shape(self) -> LayerShape:
+        c = self.config
+        kv = c.d_model // c.n_heads * (c.n_kv_heads or c.n_heads)
+        return LayerShape(width=c.d_model, kv_width=kv, mlp_hidden=c.mlp_hidden_size,
+                          mlp_matrices=3, depth=c.n_layers, vocab=c.codebook_size)

@@ -29,6 +29,7 @@ from torch import nn
 
 from migm.models.assets import CheckpointError
 from migm.models.conditions import IdConditions
+from migm.models.layers import LayerShape, Stream
 from migm.models.registry import HOW_TO_GET
 
 
@@ -79,6 +80,27 @@ class Block(nn.Module):
         a = rearrange(F.scaled_dot_product_attention(q, k, v), "b h t d -> b t (h d)")
         h = h + self.attn.out_proj(a)                                           # (B, T, D)
         return h + self.mlp(self.norm2(h))
+
+    # --- per-layer access (models/layers.py: LayerAccess); forward above is these in order ---
+    def attn_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm1(h)
+
+    def project(self, x: torch.Tensor, pe: None = None, which: str = "qkv") -> tuple[torch.Tensor, ...]:
+        """x (B, M, D) -> the named of q, k, v, each (B, H, M, d); positions were added at embedding."""
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        if which == "qkv":                                   # the packed map, as forward runs it
+            return tuple(rearrange(F.linear(x, w, b), "b t (three h d) -> three b h t d",
+                                   three=3, h=self.heads))
+        D = x.shape[-1]
+        return tuple(rearrange(F.linear(x, w[i * D:(i + 1) * D], b[i * D:(i + 1) * D]),
+                               "b t (h d) -> b h t d", h=self.heads)
+                     for i in ("qkv".index(part) for part in which))
+
+    def project_attn(self, a: torch.Tensor) -> torch.Tensor:
+        return self.attn.out_proj(a)
+
+    def mlp_branch(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(h))
 
 
 class MaskGITTransformer(nn.Module):
@@ -380,3 +402,30 @@ class MaskGITMIGM(IdConditions, nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), "
                              f"got [{int(tokens.min())}, {int(tokens.max())}]")
         return self.vqgan(tokens).clamp(-1, 1)
+
+    # --- per-layer access (models/layers.py: LayeredBase) ----------------------------------------
+    def embed_sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> Stream:
+        """Rows 0..L-1 are the grid, row L the class token; first_layer is part of the embedding."""
+        t, (B, L) = self.transformer, tokens.shape
+        cls = cond + self.config.codebook_size + 1
+        h = t.first_layer(t.tok_emb(torch.cat([tokens, cls[:, None]], 1)) + t.pos_emb)  # (B, L+1, D)
+        grid = torch.arange(L, device=tokens.device).expand(B, L)
+        return Stream(h, grid, grid, grid.new_full((B, 1), L), None)
+
+    def position_encoding(self, rows: torch.Tensor) -> None:
+        """None: learned absolute positions are added at embedding time."""
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """last_layer (LN, Linear, GELU, LN): a per-row map, so any subset of rows."""
+        return self.transformer.last_layer(h)
+
+    def row_logits(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The bias table has a row per sequence row, the class slot's (row L) included."""
+        K = self.config.codebook_size
+        return features @ self.transformer.tok_emb.weight[:K].t() + self.transformer.bias[rows, :K]
+
+    def layer_shape(self) -> LayerShape:
+        c = self.config
+        return LayerShape(width=c.width, kv_width=c.width, mlp_hidden=c.mlp_dim, mlp_matrices=2,
+                          depth=c.depth, vocab=c.codebook_size,
+                          embed_row=4 * c.width**2, final_row=2 * c.width**2)

@@ -13,6 +13,7 @@ from torch import nn
 
 from migm.models.assets import ASSET_DIR, load_module
 from migm.models.conditions import IdConditions
+from migm.models.layers import LayerShape, Stream
 from migm.models.tokenizer import TokenizerConfig, VQTokenizer
 from migm.models.transformer import MaskedTransformer, TransformerConfig
 
@@ -93,3 +94,25 @@ class TinyMIGM(IdConditions, nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) -> images (B, 1, 28, 28) in [-1, 1]."""
         return self.tokenizer.decode(tokens)
+
+    # --- per-layer access (models/layers.py: LayeredBase) ----------------------------------------
+    def embed_sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> Stream:
+        """The sequence is the grid itself: the class is added to every row, not a row of its own."""
+        B, L = tokens.shape
+        grid = torch.arange(L, device=tokens.device).expand(B, L)
+        return Stream(self.transformer.embed(tokens, cond), grid, grid,
+                      grid.new_zeros((B, 0)), None)
+
+    def position_encoding(self, rows: torch.Tensor) -> None:
+        """None: learned absolute positions are added at embedding time."""
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transformer.norm(h)
+
+    def row_logits(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.transformer.head(features)
+
+    def layer_shape(self) -> LayerShape:
+        c = self.transformer.config
+        return LayerShape(width=c.width, kv_width=c.width, mlp_hidden=int(c.width * c.mlp_ratio),
+                          mlp_matrices=2, depth=c.depth, vocab=c.vocab_size)

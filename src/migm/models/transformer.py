@@ -51,6 +51,29 @@ class Block(nn.Module):
         h = h + self.dropout(self.proj(a.transpose(1, 2).reshape(B, T, D)))   # (B, T, D)
         return h + self.dropout(self.mlp(self.norm2(h)))
 
+    # --- per-layer access (models/layers.py: LayerAccess); forward above is these in order ---
+    def attn_input(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm1(h)
+
+    def project(self, x: torch.Tensor, pe: None = None, which: str = "qkv") -> tuple[torch.Tensor, ...]:
+        """x (B, M, D) -> the named of q, k, v, each (B, H, M, d); positions were added at embedding."""
+        B, M, D = x.shape
+        if which == "qkv":                                   # the packed map, as forward runs it
+            return tuple(t.transpose(1, 2) for t in
+                         self.qkv(x).view(B, M, 3, self.heads, D // self.heads).unbind(2))
+        out = []
+        for part in which:
+            i = "qkv".index(part)
+            y = F.linear(x, self.qkv.weight[i * D:(i + 1) * D], self.qkv.bias[i * D:(i + 1) * D])
+            out.append(y.view(B, M, self.heads, D // self.heads).transpose(1, 2))
+        return tuple(out)
+
+    def project_attn(self, a: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(a))
+
+    def mlp_branch(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.mlp(self.norm2(h)))
+
 
 class MaskedTransformer(nn.Module):
     def __init__(self, config: TransformerConfig | None = None) -> None:

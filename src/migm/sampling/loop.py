@@ -84,6 +84,7 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
     every source, so two methods run with one seed differ only through their features.
     """
     sampler = sampler or SamplerConfig()
+    sampler.check_steps(steps)
     model.check_condition(cond)
     B, Lt, mask_id = cond.shape[0], model.num_tokens, model.mask_id
     counts = masked_counts(Lt, steps, schedule)
@@ -109,8 +110,11 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
         positions = stack(masked_pos)                                   # (branches*B, M)
         index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
         scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
-        logits = guide(scored, sampler.cfg_weight) / getattr(source, "step_temperature", 1.0)  # (B, M, K)
-        drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator)
+        weight = sampler.guidance_weight(i, steps)      # w, or the reference's ramp w (i-1)/(N-1)
+        logits = guide(scored, weight, sampler.branches)                           # (B, M, K)
+        logits = logits / getattr(source, "step_temperature", 1.0)
+        drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator,
+                                  step=i, steps=steps)
         revealed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, masked_pos, keep)
         tokens = tokens.scatter(1, masked_pos, torch.where(keep, drawn, mask_id))
         decode_step[revealed] = i

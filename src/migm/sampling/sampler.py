@@ -1,24 +1,58 @@
 """MaskGIT's confidence-based sampler K(x_i | x_{i-1}, p_i): the per-step work that is not the model.
 
 Tokens are drawn from the (guided, tempered) distribution at every position; the positions to
-keep are the most confident masked ones, with Gumbel noise annealed towards zero so early steps
+keep are the most confident masked ones, with Gumbel noise on the confidences so early steps
 explore and late steps commit. Decoded positions are never chosen again, so a token once placed
 never changes. Everything here is a handful of vectorised ops: it runs at every step, including
 the shortcut steps whose point is to be cheap.
+
+The references differ only in a few choices, so they are fields of one config rather than
+separate samplers (the defaults are this project's original sampler, bit for bit):
+
+| choice                 | default (ours)    | MaskGIT reference        | Lumina-DiMOO        |
+| ---------------------- | ----------------- | ------------------------ | ------------------- |
+| guidance weight at i   | w                 | w (i-1)/(N-1)            | w                   |
+| logits before softmax  | / temperature     | * sm_temp (logit_scale)  | / temperature       |
+| confidence softmax     | tempered          | tempered                 | untempered          |
+| Gumbel scale at step i | c (1 - (i-1)/N)   | r_temp (1 - (i-1)/(N-1)) | temperature         |
+
+Reference facts this relies on:
+- valeoai/Maskgit-pytorch@674ef1d Trainer/vit.py `sample` (l.397-430): `_w = w * (indice /
+  (len(scheduler) - 1))` with indice = i - 1; `logit = (1 + _w) * cond - _w * uncond`;
+  `prob = softmax(logit * sm_temp)`; the token is drawn from `prob`; confidence =
+  log(prob[drawn]) + r_temp * gumbel * (1 - indice / (len(scheduler) - 1)); top-k over the masked
+  positions. Kaiwen-Zhu/MIGM-Shortcut MaskGIT-Shortcut/Trainer/vit.py l.560-586: the same.
+- Alpha-VLLM/Lumina-DiMOO@81344e6 generators/image_generation_generator.py l.118-133 and
+  utils/generation_utils.py l.40-61: `(1 + cfg) * cond - cfg * uncond` at every step; the token is
+  argmax(logits / temperature + gumbel); confidence = log(softmax(logits)[drawn]) (untempered) +
+  temperature * gumbel, the same scale at every step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+CFG_SCHEDULES = ("constant", "linear")
+CHOICE_SCHEDULES = ("linear", "linear_to_zero", "constant")
 
 
 @dataclass
 class SamplerConfig:
-    temperature: float = 1.0          # softmax temperature for drawing tokens
-    choice_temperature: float = 3.0   # scale of the Gumbel noise on confidences, times (1 - t)
+    temperature: float = 1.0          # divides the logits before the softmax that draws tokens
+    choice_temperature: float = 3.0   # Gumbel scale on confidences at step 1 (MaskGIT's r_temp)
     cfg_weight: float = 1.0           # w: logits = (1 + w) * cond - w * uncond; 0 disables CFG
+    logit_scale: float = 1.0          # multiplies the logits before the softmax (MaskGIT's sm_temp)
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    """Guidance weight at step i: "constant" w; "linear" w (i-1)/(N-1), none at step 1 (MaskGIT)."""
+    choice_schedule: Literal["linear", "linear_to_zero", "constant"] = "linear"
+    """Factor on choice_temperature at step i: "linear" 1 - (i-1)/N; "linear_to_zero"
+    1 - (i-1)/(N-1), no noise at the last step (MaskGIT); "constant" 1 (Lumina-DiMOO)."""
+    tempered_confidence: bool = True
+    """Confidence from the scaled/tempered softmax that drew the token (MaskGIT); False: from the
+    softmax of the guided logits as they come (Lumina-DiMOO). The same at temperature 1."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -27,11 +61,47 @@ class SamplerConfig:
             raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
         if self.cfg_weight < 0:
             raise ValueError(f"cfg_weight must be >= 0, got {self.cfg_weight}")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)}, got "
+                             f"{self.cfg_schedule!r}")
+        if self.choice_schedule not in CHOICE_SCHEDULES:
+            raise ValueError(f"choice_schedule must be one of {list(CHOICE_SCHEDULES)}, got "
+                             f"{self.choice_schedule!r}")
+        if not isinstance(self.tempered_confidence, bool):
+            raise ValueError(f"tempered_confidence must be true or false, got "
+                             f"{self.tempered_confidence!r}")
 
     @property
     def branches(self) -> int:
         """1 without guidance, 2 with (conditional and unconditional rows stacked)."""
         return 2 if self.cfg_weight > 0 else 1
+
+    def check_steps(self, steps: int) -> None:
+        """The ramps that divide by N - 1 are undefined at one step (the reference's 0/0)."""
+        if steps < 2 and self.cfg_schedule == "linear" and self.cfg_weight > 0:
+            raise ValueError(f"cfg_schedule 'linear' needs steps >= 2 (its weight is "
+                             f"w (i-1)/(N-1)), got steps={steps}")
+        if steps < 2 and self.choice_schedule == "linear_to_zero" and self.choice_temperature > 0:
+            raise ValueError(f"choice_schedule 'linear_to_zero' needs steps >= 2 (its factor is "
+                             f"1 - (i-1)/(N-1)), got steps={steps}")
+
+    def guidance_weight(self, step: int, steps: int) -> float:
+        """w_i for step i of N (1-based)."""
+        if self.cfg_schedule == "constant":
+            return self.cfg_weight
+        self.check_steps(steps)
+        return self.cfg_weight * ((step - 1) / (steps - 1))
+
+    def noise_factor(self, step: int, steps: int) -> float:
+        """The factor on choice_temperature at step i of N (1-based)."""
+        if self.choice_schedule == "linear":
+            return 1.0 - (step - 1) / steps
+        if self.choice_schedule == "constant":
+            return 1.0
+        self.check_steps(steps)
+        return 1.0 - (step - 1) / (steps - 1)
 
 
 def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -39,16 +109,24 @@ def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) 
     return -torch.log((-torch.log(u)).clamp_min(1e-20))
 
 
-def guide(logits: torch.Tensor, cfg_weight: float) -> torch.Tensor:
-    """Stacked logits (branches*B, L, K) -> guided logits (B, L, K)."""
-    if cfg_weight == 0:
+def guide(logits: torch.Tensor, cfg_weight: float, branches: int | None = None) -> torch.Tensor:
+    """Stacked logits (branches*B, L, K) -> guided logits (B, L, K).
+
+    `branches` says how the rows are stacked; by default 2 exactly when cfg_weight > 0 (as
+    SamplerConfig.branches). A ramped weight is 0 at step 1 while both branches are stacked: the
+    formula then returns the conditional rows (exactly, as in the reference).
+    """
+    if branches is None:
+        branches = 2 if cfg_weight > 0 else 1
+    if branches == 1:
         return logits
     cond, uncond = logits.chunk(2)
     return (1 + cfg_weight) * cond - cfg_weight * uncond
 
 
 def sample_step(logits: torch.Tensor, n_reveal: int, t: float, config: SamplerConfig,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator, *, step: int | None = None,
+                steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One unmasking step over the still-masked positions only.
 
     Every row of a batch has the same number M of masked positions (each step reveals the same
@@ -58,15 +136,27 @@ def sample_step(logits: torch.Tensor, n_reveal: int, t: float, config: SamplerCo
     Args:
         logits: guided logits (B, M, K) at the M still-masked positions of each row.
         n_reveal: how many of them to fill in every row.
-        t: t_{i-1} in [0, 1); the Gumbel scale is choice_temperature * (1 - t).
+        t: t_{i-1} = (i-1)/N in [0, 1); used for the Gumbel factor when step/steps are absent
+            (only the "linear" choice_schedule, 1 - t, can be computed from it).
+        step, steps: i (1-based) and N; the loop always passes them.
     Returns:
         (drawn tokens (B, M), keep (B, M) bool: the n_reveal positions filled at this step).
     """
-    logits = logits.float() / config.temperature
-    drawn = (logits + gumbel(logits.shape, generator, logits.device)).argmax(-1)       # (B, M)
-    confidence = torch.log_softmax(logits, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    if step is None or steps is None:
+        if config.choice_schedule != "linear":
+            raise ValueError(f"choice_schedule {config.choice_schedule!r} needs sample_step's "
+                             f"step and steps")
+        factor = 1.0 - t
+    else:
+        factor = config.noise_factor(step, steps)
+    raw = logits.float()                                                                # (B, M, K)
+    scaled = raw * config.logit_scale if config.logit_scale != 1.0 else raw
+    scaled = scaled / config.temperature
+    drawn = (scaled + gumbel(scaled.shape, generator, scaled.device)).argmax(-1)        # (B, M)
+    scored = scaled if config.tempered_confidence else raw
+    confidence = torch.log_softmax(scored, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
     if config.choice_temperature > 0:
-        confidence = confidence + config.choice_temperature * (1.0 - t) * gumbel(
+        confidence = confidence + config.choice_temperature * factor * gumbel(
             confidence.shape, generator, confidence.device)
     chosen = confidence.topk(n_reveal, dim=-1).indices                                  # (B, n)
     keep = torch.zeros_like(drawn, dtype=torch.bool).scatter_(1, chosen, True)

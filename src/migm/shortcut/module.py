@@ -126,6 +126,16 @@ class ShortcutModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         pred = self._predict(self.network, batch)
         loss = self._loss(pred, batch)
+        # Stop before a non-finite loss reaches the weights (they and the EMA would all turn NaN and
+        # be checkpointed); decided over all ranks at once, so no DDP rank waits on the others.
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise FloatingPointError(
+                f"train/loss is not finite ({float(loss)} on this rank) at global step "
+                f"{self.global_step} (epoch {self.current_epoch}, batch {batch_idx}): training "
+                "diverged; lower the learning rate or check the trajectories")
         with torch.no_grad():
             rel_err = relative_error(pred, batch["target"], batch["features"], self._scope(batch))
         self.log_dict({"train/loss": loss, "train/rel_err": rel_err.mean()}, prog_bar=True)
