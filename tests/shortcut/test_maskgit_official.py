@@ -163,6 +163,25 @@ def test_imported_network_is_the_reference_forward(tmp_path, config):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_released_size_is_the_reference_forward(tmp_path):
+    """768 wide, R 2, 16 heads of 24, 1,025 positions, 109 new tokens (step 15 of N = 15)."""
+    c = MaskGITShortcutConfig()
+    sd = random_weights(official_shapes(768, 2, 1), seed=2)
+    sd = {k: v * (0.05 if v.ndim == 2 else 1) for k, v in sd.items()}           # keep the stream O(1)
+    torch.save(sd, tmp_path / "released.pth")
+    g = torch.Generator().manual_seed(4)
+    wte, wpe = torch.randn(2026, 768, generator=g) * 0.02, torch.randn(1, 1025, 768, generator=g) * 0.02
+    net = load_official_maskgit_shortcut(tmp_path / "released.pth", c, wte, wpe)
+    prev = torch.randn(2, 1025, 768, generator=g)
+    new_map = torch.zeros(2, 1025, dtype=torch.bool)
+    new_map[:, torch.randperm(1024, generator=g)[:109]] = True
+    tokens = torch.randint(0, 1024, (2, 1025), generator=g)
+    ratio = torch.tensor([109 / 1024, 109 / 1024])
+    expected = reference_forward(sd, wte, wpe, prev, tokens[new_map].view(2, 109), new_map, ratio,
+                                 16, freqs=256)
+    torch.testing.assert_close(net(prev, tokens, new_map, ratio), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_padded_rows_of_a_training_batch_match_their_unpadded_forward(tmp_path):
     """Rows with different new-token counts are padded; each equals the reference on its own."""
     path, sd = save_official(tmp_path)
