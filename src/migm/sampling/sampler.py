@@ -89,7 +89,7 @@ class SamplerConfig:
 
     def guidance_weight(self, step: int, steps: int) -> float:
         """w_i for step i of N (1-based)."""
-        if self.cfg_schedule == "constant":
+        if self.cfg_schedule == "constant" or self.cfg_weight == 0:
             return self.cfg_weight
         self.check_steps(steps)
         return self.cfg_weight * ((step - 1) / (steps - 1))
@@ -101,6 +101,8 @@ class SamplerConfig:
         if self.choice_schedule == "constant":
             return 1.0
         self.check_steps(steps)
+        if steps == 1:                    # only with choice_temperature 0: no noise to scale
+            return 0.0
         return 1.0 - (step - 1) / (steps - 1)
 
 
