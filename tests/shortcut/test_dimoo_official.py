@@ -341,3 +341,23 @@ def test_generate_feeds_each_branch_as_generate_image_shortcut(dimoo):
             ratio = (x_prev[b] == model.mask_id).float().mean()[None]
             want = ref_forward(sd, s.states[r:r + 1, :T], wte[torch.tensor(ids)[fed]][None], new_map, ratio)
             torch.testing.assert_close(got[r:r + 1, :T], want, atol=1e-5, rtol=1e-4)
+
+
+def test_fed_positions_follow_no_prompt_and_a_missing_table_is_named():
+    """Rows [cond (prompt of 3, T 9); uncond (prompt of 2, T 8, one padding)], grid from index
+    prompt + 2 (<answer><boi>): no_prompt feeds the new image tokens only, in both rows."""
+    from migm.accel.sequence import SequenceStep
+
+    new = torch.zeros(2, 9, dtype=torch.bool)
+    new[0, 6], new[1, 5] = True, True
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 8] = False
+    s = SequenceStep(states=torch.zeros(2, 9, 32), ids=torch.zeros(2, 9, dtype=torch.long), new=new,
+                     grid=torch.tensor([[5, 6], [4, 5]]), valid=valid, cond=torch.tensor([0, 2]),
+                     uncond=torch.tensor([False, True]), mask_ratio=torch.tensor([0.5, 0.5]),
+                     t=torch.zeros(2))
+    rows = lambda fed: [r.nonzero().flatten().tolist() for r in fed]
+    assert rows(DiMOOShortcutConfig(**SMALL).build().fed(s)) == [[0, 1, 2, 6], [5]]
+    assert rows(DiMOOShortcutConfig(**SMALL | {"feed_prompt": False}).build().fed(s)) == [[6], [5]]
+    with pytest.raises(ValueError, match=r"base's input table: the base must provide input_embedding"):
+        DiMOOShortcutConfig(**SMALL).build().step(s)
