@@ -71,8 +71,9 @@ def test_maskgit_reference_reveals_adap_sche_counts_at_1024_tokens(steps, expect
 
 
 def test_maskgit_reference_small_grid_and_its_limits():
-    # L = 49 (the embedded default's 7x7 grid): half-to-even rounding and the remainder
-    assert reveal_counts(49, 15, "maskgit_reference") == [1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 5, 5, 5, 4]
+    # L = 49 (the embedded default's 7x7 grid): rounding leaves a remainder of 4 for the last step
+    assert reveal_counts(49, 15, "maskgit_reference") == [1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 5, 5, 5,
+                                                          4]
     with pytest.raises(ValueError, match="maskgit_reference.*steps >= 2"):
         masked_counts(1024, 1, "maskgit_reference")
     # at N = 261 the zeros raised to one overrun L: the reference would stop before step N
