@@ -78,8 +78,18 @@ def default_wandb_mode() -> None:
         os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def enable_method_classes() -> None:
+    """Let YAML choose acceleration methods by class_path (`evaluation.methods`): jsonargparse
+    treats dataclasses as fixed groups unless their subclasses are enabled."""
+    from jsonargparse import set_parsing_settings
+
+    from migm.accel.method import Method
+    set_parsing_settings(subclasses_enabled=[Method])
+
+
 def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    enable_method_classes()
     default_wandb_mode()
     return MigmCLI(
         LightningModule, LightningDataModule,

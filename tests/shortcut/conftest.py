@@ -37,7 +37,10 @@ def shortcut_config(tmp_path, shards, *, wandb: bool = False, **trainer) -> str:
     m = cfg["model"]["init_args"]
     m["warmup_steps"] = 2
     m["out_dir"] = str(tmp_path / "run" / "eval")
-    m["evaluation"].update(vanilla_steps=[2, 4], shortcut_steps=[4], budgets=[2], reference_steps=4,
+    shortcut = next(x for x in m["evaluation"]["methods"] if x["class_path"].endswith("Shortcut"))
+    shortcut["init_args"].update(steps=[4], budgets=[2])
+    m["evaluation"].update(methods=[{"class_path": "migm.accel.method.Vanilla", "init_args": {"steps": [2, 4]}},
+                                    shortcut], reference_steps=4,
                            latency_batch=8, latency_repeats=1, keep_images=10)
     m["reference_samples"] = 500
     cfg["data"]["init_args"].update(dirs=[str(shards)], batch_size=32, val_fraction=0.2,

@@ -114,8 +114,10 @@ def test_evaluation_callback_scores_a_small_grid_during_fit(recorded, tmp_path, 
     cfg["trainer"]["callbacks"].append({
         "class_path": "migm.evaluation.callback.EvaluationCallback",
         "init_args": {"every_n_epochs": 1, "num_samples": 20, "batch_size": 10, "reference_samples": 500,
-                      "grid": {"vanilla_steps": [4], "shortcut_steps": [4], "budgets": [2],
-                               "reference_steps": 4, "latency_batch": 4, "latency_repeats": 1}}})
+                      "grid": {"methods": [
+                          {"class_path": "migm.accel.method.Vanilla", "init_args": {"steps": [4]}},
+                          {"class_path": "migm.accel.shortcut.Shortcut", "init_args": {"steps": [4], "budgets": [2]}}],
+                          "reference_steps": 4, "latency_batch": 4, "latency_repeats": 1}}})
     Path(cfg_path).write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", cfg_path])
     rows = [json.loads(x) for x in (tmp_path / "run/fit_eval/epoch_000/results.jsonl").read_text().splitlines()]

@@ -7,8 +7,12 @@ at no cost, so the gap between it and the shortcut at the same (N, B) is what tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from migm.accel.method import PlannedMethod
 from migm.accel.refresh import PlannedSource
 from migm.sampling.loop import StepContext
 
@@ -19,3 +23,14 @@ class ReuseSource(PlannedSource):
 
     def counts(self) -> dict[str, int]:
         return {"base_calls": self.base_calls, "shortcut_calls": 0, "reused": self.skipped}
+
+
+@dataclass
+class Reuse(PlannedMethod):
+    """Feature reuse (FORA-like) on a refresh plan: the training-free floor. Give it the same
+    plan and temperature as the shortcut it is compared with, so only the filler differs."""
+
+    name: ClassVar[str] = "reuse"
+
+    def source(self, model, shortcut, steps: int, budgets: int, **knobs):
+        return ReuseSource(model, self.refresh_plan(steps, budgets), self.temperature)

@@ -9,8 +9,12 @@ not the step index, so a model trained at N=16 runs at N=32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from migm.accel.method import PlannedMethod
 from migm.accel.refresh import PlannedSource, RefreshPlan
 from migm.sampling.loop import StepContext
 from migm.shortcut.network import ShortcutNetwork
@@ -31,3 +35,18 @@ class ShortcutSource(PlannedSource):
 
     def counts(self) -> dict[str, int]:
         return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}
+
+
+@dataclass
+class Shortcut(PlannedMethod):
+    """The learned shortcut between the plan's base steps (MIGM-Shortcut). Fields: see
+    PlannedMethod; the shortcut network comes from `test`'s weights (--ckpt_path or the shipped
+    asset), not from this config."""
+
+    name: ClassVar[str] = "shortcut"
+    needs_shortcut: ClassVar[bool] = True
+
+    def source(self, model, shortcut, steps: int, budgets: int, **knobs):
+        if shortcut is None:
+            raise ValueError(f"shortcut N{steps}/B{budgets}: needs shortcut weights (--ckpt_path)")
+        return ShortcutSource(model, shortcut, self.refresh_plan(steps, budgets), self.temperature)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from migm.evaluation.latency import compare_latency, measure_latency
+from migm.evaluation.latency import interleaved_rounds, measure_latency
 from migm.sampling.sampler import SamplerConfig, guide, sample_step
 
 
@@ -56,38 +56,49 @@ def mid_generation_inputs(model, batch_size: int, seed: int = 0, device: str | t
 @torch.no_grad()
 def call_costs(model, shortcut=None, batch_size: int = 64, repeats: int = 5,
                device: str | torch.device = "cpu") -> dict[str, float]:
-    """ms per base call and (if given) per shortcut call on the same input, timed alternately."""
+    """ms per base call and (if given) per shortcut call on the same input, timed in interleaved
+    rounds; `call_speed_ratio` is the median per-round base/shortcut ratio, with its range."""
     tokens, cond, new, t = mid_generation_inputs(model, batch_size, device=device)
     calls = {"base_call_ms": lambda: model.features(tokens, cond)}
     if shortcut is not None:
         feats = model.features(tokens, cond)
         calls["shortcut_call_ms"] = lambda: shortcut(feats, tokens, new, t)
-    return compare_latency(calls, repeats=repeats, device=str(device))
+    rounds = interleaved_rounds(calls, rounds=repeats, device=str(device))
+    out = {name: rounds.median_ms(name) for name in calls}
+    if shortcut is not None:
+        ratio, lo, hi = rounds.speedup("base_call_ms", "shortcut_call_ms")
+        out |= {"call_speed_ratio": ratio, "call_speed_ratio_min": lo, "call_speed_ratio_max": hi}
+    return out
 
 
 def shortcut_costs(model, shortcut, batch_size: int = 64, repeats: int = 5) -> dict:
     """Parameters and per-call cost of the base features and of the shortcut, and their ratios."""
     costs = call_costs(model, shortcut, batch_size, repeats)
-    base_params = sum(p.numel() for p in model.transformer.parameters())
+    network = getattr(model, "transformer", model)        # the tiny adapter also holds its tokenizer
+    base_params = sum(p.numel() for p in network.parameters())
     short_params = sum(p.numel() for p in shortcut.parameters())
     return {"rows": 2 * batch_size, "base_params": base_params, "shortcut_params": short_params,
-            "param_ratio": base_params / short_params, **costs,
-            "call_speed_ratio": costs["base_call_ms"] / costs["shortcut_call_ms"]}
+            "param_ratio": base_params / short_params, **costs}
 
 
 def end_to_end(model, shortcut, steps: int, budgets: list[int], batch_size: int = 64,
                repeats: int = 5) -> list[dict]:
-    """Latency per image of vanilla N and shortcut N/B (decode included), one process."""
-    from migm.evaluation.grid import GridPoint, make_source
+    """Latency per image of vanilla N and shortcut N/B (decode included), one process, timed in
+    interleaved rounds; speedup = median over rounds of the per-round ratio to vanilla."""
+    from migm.accel.method import Vanilla
+    from migm.accel.shortcut import Shortcut
+    from migm.evaluation.latency import interleaved_rounds
     from migm.sampling.loop import generate
 
     cond = torch.arange(batch_size) % model.num_classes
-    points = [GridPoint("vanilla", steps)] + [GridPoint("shortcut", steps, b) for b in budgets]
+    points = Vanilla(steps=[steps]).points() + Shortcut(steps=[steps], budgets=list(budgets)).points()
+    fns = {p: (lambda p=p: model.decode(generate(model, p.source(model, shortcut), cond, steps).tokens))
+           for p in points}
+    rounds = interleaved_rounds(fns, rounds=repeats)
     rows = []
     for p in points:
-        run = lambda: model.decode(generate(model, make_source(model, p, shortcut), cond, steps).tokens)
-        rows.append({"config": f"{p.method} {p.label}",
-                     "ms_per_image": measure_latency(run, batch_size, repeats=repeats).ms_per_image})
-    for r in rows:
-        r["speedup"] = rows[0]["ms_per_image"] / r["ms_per_image"]
+        speedup, lo, hi = rounds.speedup(points[0], p)
+        rows.append({"config": f"{p.name} {p.label}", "ms_per_image": rounds.median_ms(p) / batch_size,
+                     "speedup": speedup, "speedup_min": lo, "speedup_max": hi,
+                     "threads": rounds.threads, "load_before": rounds.load[0]})
     return rows

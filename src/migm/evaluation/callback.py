@@ -7,17 +7,22 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from migm.accel.method import Vanilla
+from migm.accel.shortcut import Shortcut
 from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.report import finish_evaluation
 
 
 def small_grid(like: GridConfig | None = None) -> GridConfig:
-    """A few configurations, sampled the way `like` (the module's `test` grid) samples, so the
-    numbers logged during fit are the ones `test` will report."""
-    knobs = {} if like is None else {"sampler": like.sampler, "plan_power": like.plan_power,
-                                     "shortcut_temperature": like.shortcut_temperature}
-    return GridConfig(vanilla_steps=[8, 16], shortcut_steps=[16], budgets=[4, 8], reference_steps=16,
-                      latency_batch=32, latency_repeats=1, keep_images=10, **knobs)
+    """A few configurations, sampled the way `like` (the module's `test` grid) samples and with its
+    shortcut's plan and temperature, so the numbers logged during fit are the ones `test` reports."""
+    shortcut = next((m for m in like.methods if isinstance(m, Shortcut)), None) if like else None
+    knobs = {} if shortcut is None else {"plan": shortcut.plan, "plan_power": shortcut.plan_power,
+                                         "temperature": shortcut.temperature}
+    sampling = {} if like is None else {"sampler": like.sampler, "schedule": like.schedule}
+    return GridConfig(methods=[Vanilla(steps=[8, 16]), Shortcut(steps=[16], budgets=[4, 8], **knobs)],
+                      reference_steps=16, latency_batch=32, latency_repeats=1, keep_images=10,
+                      **sampling)
 
 
 class EvaluationCallback(Callback):

@@ -12,14 +12,29 @@ from migm.evaluation.images import image_grid
 from migm.models.assets import atomic_write_bytes
 
 
+def quality_key(rows: list[dict]) -> tuple[str, bool]:
+    """The headline quality column and whether lower is better: FID where it was measured,
+    else ImageReward or CLIPScore (text-to-image runs without an FID reference)."""
+    keys = rows[0].keys()
+    fid = next((k for k in keys if k.startswith("fid_")), None)
+    if fid is not None:
+        return fid, True
+    for k in ("image_reward", "clip_score"):
+        if k in keys:
+            return k, False
+    raise ValueError(f"no quality column (fid_*, image_reward, clip_score) in the rows: {sorted(keys)}")
+
+
 def fid_key(rows: list[dict]) -> str:
-    return next(k for k in rows[0] if k.startswith("fid_"))
+    return quality_key(rows)[0]
 
 
-def pareto_front(rows: list[dict], x: str, y: str) -> list[int]:
-    """Indices of rows no other row beats on both x and y (lower is better for both)."""
+def pareto_front(rows: list[dict], x: str, y: str, lower_is_better: bool = True) -> list[int]:
+    """Indices of rows no other row beats on both x and y (lower x is better; y as told)."""
+    sign = 1 if lower_is_better else -1
+    val = lambda r: sign * r[y]
     return [i for i, r in enumerate(rows)
-            if not any(o[x] <= r[x] and o[y] <= r[y] and (o[x] < r[x] or o[y] < r[y]) for o in rows)]
+            if not any(o[x] <= r[x] and val(o) <= val(r) and (o[x] < r[x] or val(o) < val(r)) for o in rows)]
 
 
 def _pyplot():
@@ -30,27 +45,30 @@ def _pyplot():
 
 
 def plot_pareto(rows: list[dict], path: Path, x: str = "latency_ms_per_image") -> Path:
-    """Latency vs FID, one line per (method, N), the frontier over all rows ringed, points labelled."""
+    """Latency vs quality: one colour per method, one line per (method, N) (vanilla: one line over
+    N), training-free methods dashed, the frontier over all rows ringed, points labelled."""
     plt = _pyplot()
-    y = fid_key(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    y, lower = quality_key(rows)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colour = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}
     lines: dict[tuple, list[dict]] = {}
     for r in rows:
         lines.setdefault((r["method"],) if r["method"] == "vanilla" else (r["method"], r["steps"]), []).append(r)
     for key, pts in lines.items():
         pts = sorted(pts, key=lambda r: r[x])
-        name = "vanilla (N varies)" if key == ("vanilla",) else f"{key[0]} N={key[1]} (B varies)"
-        ax.plot([r[x] for r in pts], [r[y] for r in pts], marker="o", label=name,
-                linestyle="--" if key[0] == "reuse" else "-")
+        name = "vanilla (N varies)" if key == ("vanilla",) else f"{key[0]} N={key[1]}"
+        ax.plot([r[x] for r in pts], [r[y] for r in pts], marker="o", label=name, color=colour[key[0]],
+                linestyle="-" if key[0] in ("vanilla", "shortcut") else "--", markersize=4)
         for r in pts:
-            ax.annotate(r["label"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    front = [rows[i] for i in pareto_front(rows, x, y)]
+            ax.annotate(r["label"], (r[x], r[y]), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    front = [rows[i] for i in pareto_front(rows, x, y, lower)]
     ax.scatter([r[x] for r in front], [r[y] for r in front], s=160, facecolors="none",
                edgecolors="black", label="Pareto frontier")
     ax.set_xlabel("latency per image (ms)")
-    ax.set_ylabel(y.replace("fid_", "FID (") + " features)")
+    ax.set_ylabel(y.replace("fid_", "FID (") + " features)" if y.startswith("fid_") else y + " (higher is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -75,17 +93,23 @@ def plot_side_by_side(samples: dict[str, torch.Tensor], path: Path, per_row: int
 
 
 def format_table(rows: list[dict]) -> str:
+    """The grid as a fixed-width table: quality, latency, speedup (median of per-round ratios,
+    with its range when timed over several rounds), the call-count ideal, peak memory, calls."""
     y = fid_key(rows)
-    clip = any("clip_score" in r for r in rows)
-    head = (f"{'config':>16} {y:>15} {'class acc':>9}" + (f" {'CLIPScore':>9}" if clip else "")
-            + f" {'ms/img':>8} {'speedup':>8} {'ideal':>6} {'calls b/s':>9}")
+    clip = any("clip_score" in r for r in rows) and y != "clip_score"
+    acc = any("class_accuracy" in r for r in rows)
+    fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else format("-", spec.split(".")[0].rstrip("f"))
+    head = (f"{'config':>24} {y:>15}" + (f" {'class acc':>9}" if acc else "") + (f" {'CLIPScore':>9}" if clip else "")
+            + f" {'ms/img':>8} {'speedup':>8} {'range':>11} {'ideal':>6} {'peak MiB':>8} {'calls b/s':>9}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['method'][:8] + ' ' + r['label']:>16} {r[y]:>15.2f} "
-                     f"{r.get('class_accuracy', float('nan')):>9.3f}"
-                     + (f" {r.get('clip_score', float('nan')):>9.2f}" if clip else "")
-                     + f" {r['latency_ms_per_image']:>8.2f} {r['speedup']:>8.2f} {r['ideal_speedup']:>6.2f} "
-                     f"{r['base_calls']:>4}/{r['shortcut_calls'] or 0:<4}")
+        spread = (f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if r.get("speedup_min") is not None else "-")
+        lines.append(f"{r['method'] + ' ' + r['label']:>24} {fmt(r[y], '>15.2f')}"
+                     + (f" {fmt(r.get('class_accuracy'), '>9.3f')}" if acc else "")
+                     + (f" {fmt(r.get('clip_score'), '>9.2f')}" if clip else "")
+                     + f" {fmt(r['latency_ms_per_image'], '>8.2f')} {fmt(r['speedup'], '>8.2f')} {spread:>11}"
+                     f" {fmt(r.get('ideal_speedup'), '>6.2f')} {fmt(r.get('peak_memory_mib'), '>8.0f')}"
+                     f" {r['base_calls']:>4}/{r['shortcut_calls'] or 0:<4}")
     return "\n".join(lines)
 
 

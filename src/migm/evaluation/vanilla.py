@@ -6,9 +6,12 @@ the same conditions (balanced classes), the same seeds, the same latency protoco
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from tqdm import tqdm
 
+from migm.accel.method import Vanilla
 from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.quality import QualityMetrics
@@ -30,8 +33,8 @@ def run_grid(grid: EvaluationGrid, num_samples: int, batch_size: int) -> list[di
 def score_steps(model, metrics: QualityMetrics, steps: list[int], *, num_samples: int = 1000,
                 batch_size: int = 250, config: GridConfig | None = None) -> tuple[list[dict], EvaluationGrid]:
     """Vanilla rows at every N in `steps` (speedups relative to the largest N)."""
-    config = config or GridConfig()
-    config.vanilla_steps, config.reference_steps = list(steps), max(steps)
+    config = dataclasses.replace(config or GridConfig(), methods=[Vanilla(steps=list(steps))],
+                                 reference_steps=max(steps))
     grid = EvaluationGrid(model, None, metrics, config)
     return run_grid(grid, num_samples, batch_size), grid
 
