@@ -411,6 +411,14 @@ class DiMOOMIGM(IdConditions, nn.Module):
         """The number of prompts in the table (not counting the unconditional one)."""
         return len(self.prompt_lengths) - 1
 
+    def config_dict(self) -> dict:
+        """JSON-able settings that, with (tokens, cond), fix the features (see TinyMIGM): the
+        config and a digest of the tokenised prompt table, since cond j means prompt j."""
+        import hashlib
+        from dataclasses import asdict
+        table = torch.cat([self.prompt_lengths[:, None], self.prompt_table], 1).cpu().numpy()
+        return asdict(self.config) | {"prompt_table_sha256": hashlib.sha256(table.tobytes()).hexdigest()}
+
     # --- conditions -----------------------------------------------------------------------------
     # --- the protocol the loop and the accelerators use -----------------------------------------
     def sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:

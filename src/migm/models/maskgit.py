@@ -361,6 +361,11 @@ class MaskGITMIGM(IdConditions, nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    def config_dict(self) -> dict:
+        """JSON-able settings that, with (tokens, cond), fix the features (see TinyMIGM)."""
+        from dataclasses import asdict
+        return asdict(self.config)
+
     # --- conditions -----------------------------------------------------------------------------
     # --- the protocol the loop and the accelerators use -----------------------------------------
     def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,12 @@ class TinyMIGM(IdConditions, nn.Module):
     def num_classes(self) -> int:
         return self.transformer.config.num_classes
 
+    def config_dict(self) -> dict:
+        """JSON-able settings that, with (tokens, cond), fix the features: a collection hashes
+        them into its schema (base_config_hash), so shards of different networks never mix."""
+        from dataclasses import asdict
+        return asdict(self.transformer.config)
+
     # --- conditions -----------------------------------------------------------------------------
     # --- the protocol the loop and the accelerators use -----------------------------------------
     def features(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
