@@ -79,12 +79,14 @@ def default_wandb_mode() -> None:
 
 
 def enable_method_classes() -> None:
-    """Let YAML choose acceleration methods by class_path (`evaluation.methods`): jsonargparse
-    treats dataclasses as fixed groups unless their subclasses are enabled."""
+    """Let YAML choose acceleration methods (`evaluation.methods`) and shortcut architectures
+    (`network`) by class_path: jsonargparse treats dataclasses as fixed groups unless their
+    subclasses are enabled."""
     from jsonargparse import set_parsing_settings
 
     from migm.accel.method import Method
-    set_parsing_settings(subclasses_enabled=[Method])
+    from migm.shortcut.network import NetworkConfig
+    set_parsing_settings(subclasses_enabled=[Method, NetworkConfig])
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

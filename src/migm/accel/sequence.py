@@ -125,9 +125,10 @@ class SequenceShortcutSource(PlannedSource):
 
 
 def shortcut_source(model, shortcut, plan: RefreshPlan, temperature: float = 1.0):
-    """The source a trained shortcut runs in: sequence-state networks here, grid ones in
-    accel/shortcut.py's ShortcutSource (for methods that receive either kind of network)."""
-    if getattr(shortcut, "positions", "grid") == "sequence":
+    """The source a trained shortcut runs in: a sequence-state network over a base that has a
+    sequence (MaskGIT's class slot, DiMOO's prompt) here; any other pair in accel/shortcut.py's
+    ShortcutSource on grid features (the tiny base's sequence is its grid)."""
+    if getattr(shortcut, "positions", "grid") == "sequence" and hasattr(model, "sequence_features"):
         return SequenceShortcutSource(model, shortcut, plan, temperature)
     from migm.accel.shortcut import ShortcutSource
     return ShortcutSource(model, shortcut, plan, temperature)

@@ -17,7 +17,7 @@ import torch
 from migm.accel.method import PlannedMethod
 from migm.accel.refresh import PlannedSource, RefreshPlan
 from migm.sampling.loop import StepContext
-from migm.shortcut.network import ShortcutNetwork
+from migm.shortcut.network import ShortcutNetwork, time_input
 
 
 class ShortcutSource(PlannedSource):
@@ -30,8 +30,10 @@ class ShortcutSource(PlannedSource):
 
     def between(self, ctx: StepContext) -> torch.Tensor:
         # the grid the previous features describe is x_{i-2}; the shortcut steps it to x_{i-1}
-        t = torch.full((len(ctx.tokens),), ctx.t, device=ctx.tokens.device)
-        return self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, t)
+        rows, device = len(ctx.tokens), ctx.tokens.device
+        time = time_input(self.shortcut, torch.full((rows,), ctx.t, device=device),
+                          torch.full((rows,), ctx.mask_ratio, device=device))
+        return self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time)
 
     def counts(self) -> dict[str, int]:
         return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}
@@ -49,4 +51,5 @@ class Shortcut(PlannedMethod):
     def source(self, model, shortcut, steps: int, budgets: int, **knobs):
         if shortcut is None:
             raise ValueError(f"shortcut N{steps}/B{budgets}: needs shortcut weights (--ckpt_path)")
-        return ShortcutSource(model, shortcut, self.refresh_plan(steps, budgets), self.temperature)
+        from migm.accel.sequence import shortcut_source
+        return shortcut_source(model, shortcut, self.refresh_plan(steps, budgets), self.temperature)

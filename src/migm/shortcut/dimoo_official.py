@@ -47,14 +47,14 @@ from torch import nn
 from migm.accel.sequence import SequenceStep
 from migm.models.assets import CheckpointError
 from migm.models.dimoo import DiMOOConfig, LLaDABlock, RMSNorm, _check_fit, rope_tables, rotate
-from migm.shortcut.network import modulate, timestep_embedding
+from migm.shortcut.network import NetworkConfig, modulate, timestep_embedding
 
 HOW_TO_GET = ("download DiMOO-Shortcut/dimoo-shortcut.pth from the Kaiwen-Zhu/MIGM-Shortcut "
               "repository on the model hub (its DiMOO-Shortcut README) and pass its local path")
 
 
 @dataclass
-class DiMOOShortcutConfig:
+class DiMOOShortcutConfig(NetworkConfig):
     """Defaults: the released DiMOO-Shortcut (n_block 1, bottleneck_ratio 2, embed_t, with cross
     attention) on Lumina-DiMOO's LLaDA-8B config."""
 
@@ -100,6 +100,10 @@ class DiMOOShortcutConfig:
 
     def build(self) -> DiMOOShortcut:
         return DiMOOShortcut(self)
+
+    def load_weights(self, path: str, base) -> dict[str, torch.Tensor]:
+        """The released dimoo-shortcut.pth (or any file in its layout)."""
+        return load_official_dimoo_shortcut(path, self).state_dict()
 
 
 class CrossBlock(LLaDABlock):
@@ -159,6 +163,7 @@ class DiMOOShortcut(nn.Module):
     """f_next = f + S(f, new tokens, mask ratio) over the base's whole sequence (B, T, D)."""
 
     positions = "sequence"          # evolves the whole-sequence state (accel/sequence.py)
+    time_input = "mask_ratio"       # told the mask ratio of the grid its output describes
 
     def __init__(self, config: DiMOOShortcutConfig | None = None) -> None:
         super().__init__()

@@ -44,14 +44,14 @@ from einops import rearrange
 from torch import nn
 
 from migm.models.assets import CheckpointError
-from migm.shortcut.network import pack_new_tokens, timestep_embedding
+from migm.shortcut.network import NetworkConfig, pack_new_tokens, timestep_embedding
 
 if TYPE_CHECKING:
     from migm.accel.sequence import SequenceStep
 
 
 @dataclass
-class MaskGITShortcutConfig:
+class MaskGITShortcutConfig(NetworkConfig):
     """Defaults: the released maskgit-shortcut.pth over MaskGIT ImageNet-512 (eval.sh)."""
 
     feature_dim: int = 768        # D of the base's last-layer features
@@ -88,6 +88,12 @@ class MaskGITShortcutConfig:
 
     def build(self) -> MaskGITShortcutNetwork:
         return MaskGITShortcutNetwork(self)
+
+    def load_weights(self, path: str, base) -> dict[str, torch.Tensor]:
+        """The released maskgit-shortcut.pth (or any file in its layout) over `base`'s tables."""
+        net = load_official_maskgit_shortcut(path, self, base.token_embedding().weight,
+                                             base.position_embedding())
+        return net.state_dict()
 
 
 # --- the network -----------------------------------------------------------------------------------
@@ -148,6 +154,7 @@ class MaskGITShortcutNetwork(nn.Module):
     """f_{i} = f_{i-1} + S(f_{i-1}, new tokens, mask ratio) over the base's L + 1 positions."""
 
     positions: ClassVar[str] = "sequence"        # evolves the whole sequence (accel/sequence.py)
+    time_input: ClassVar[str] = "mask_ratio"     # told the mask ratio of x_{i-1}, not t
 
     def __init__(self, config: MaskGITShortcutConfig | None = None) -> None:
         super().__init__()

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from migm.evaluation.grid import EvaluationGrid, GridConfig
+from migm.evaluation.setup import MetricsConfig
 from migm.models.registry import BaseKind, load_base
 from migm.shortcut.metrics import StepwiseMeans, relative_error, step_diagnostics
-from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
+from migm.shortcut.network import NetworkConfig, ShortcutConfig, ShortcutNetwork, time_input
 from migm.training.schedule import configure
 
 
@@ -43,17 +44,18 @@ def shipped_weights(name_or_path: str | Path, config: ShortcutConfig) -> dict[st
 
 
 class ShortcutModule(L.LightningModule):
-    def __init__(self, network: ShortcutConfig | None = None, base_kind: BaseKind = "tiny",
+    def __init__(self, network: NetworkConfig | None = None, base_kind: BaseKind = "tiny",
                  base: str = "base.pt", tokenizer: str = "tokenizer.pt", base_config: dict | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.995,
                  loss_on: Literal["all", "masked"] = "masked", init_embeddings: bool = True,
                  evaluation: GridConfig | None = None,
-                 features: Literal["classifier", "inception"] = "classifier",
-                 classifier: str = "classifier.pt", reference_samples: int = 10000,
-                 clip_path: str | None = None, test_weights: str | None = "shortcut.pt", out_dir: str | None = None) -> None:
+                 metrics: MetricsConfig | None = None, test_weights: str | None = None,
+                 out_dir: str | None = None) -> None:
         """
         Args:
-            network: the shortcut's architecture (bottleneck ratio, blocks, heads, ablations).
+            network: the shortcut's architecture, by class_path: ours (ShortcutConfig: bottleneck
+                ratio, blocks, heads, ablations; the default) or an official one
+                (MaskGITShortcutConfig, DiMOOShortcutConfig) whose released weights `test` loads.
             base_kind: which base MIGM adapter (tiny = the embedded default).
             base: base model weights (asset name or path); frozen, never trained here.
             tokenizer: tokenizer weights, for decoding images in `test`.
@@ -66,16 +68,17 @@ class ShortcutModule(L.LightningModule):
                 only ones whose logits are sampled again).
             init_embeddings: start the shortcut's token/position tables from the base model's.
             evaluation: the grid `test` runs (and its sampler settings).
-            features: FID feature space: the shipped classifier or TF-FID InceptionV3.
-            classifier: classifier weights (class accuracy; FID features when features=classifier).
-            reference_samples: test-split images used as the FID reference.
-            clip_path: a local CLIP directory: `test` adds CLIPScore against the conditions' text.
-            test_weights: shortcut weights `test` evaluates when no --ckpt_path is given.
+            metrics: what `test` measures against (evaluation/setup.py MetricsConfig): FID
+                feature space and reference, class accuracy, CLIPScore, ImageReward; the
+                default is the embedded default's, and a real base must say its own.
+            test_weights: shortcut weights `test` evaluates when no --ckpt_path is given
+                (default: the shipped shortcut.pt for the embedded default; a real base has no
+                default and needs one of the two).
             out_dir: where `test` writes results.jsonl, plots and grids (default: <root>/eval).
         """
         super().__init__()
         self.save_hyperparameters()
-        self.network = ShortcutNetwork(network or ShortcutConfig())
+        self.network = (network or ShortcutConfig()).build()
         self.ema = copy.deepcopy(self.network).eval().requires_grad_(False)
         self.evaluation = evaluation or GridConfig()
         self._base = None            # loaded on first use: building the module reads no file
@@ -96,7 +99,7 @@ class ShortcutModule(L.LightningModule):
         schema = getattr(self.trainer.datamodule, "schema", None) if self.trainer else None
         if schema is not None:
             self._check_schema(schema)
-        if stage == "fit" and self.hparams.init_embeddings:
+        if stage == "fit" and self.hparams.init_embeddings and hasattr(self.network, "init_from_base"):
             self.network.init_from_base(self.base.token_embedding().weight, self.base.position_embedding())
             self.ema.load_state_dict(self.network.state_dict())
 
@@ -120,11 +123,23 @@ class ShortcutModule(L.LightningModule):
         sq = F.mse_loss(pred, batch["target"], reduction="none") * scope
         return sq.sum() / (scope.sum() * pred.shape[-1]).clamp_min(1)
 
-    def _predict(self, net: ShortcutNetwork, batch) -> torch.Tensor:
-        return net(batch["features"], batch["tokens"], batch["new"], batch["t"])
+    def _predict(self, net: torch.nn.Module, batch) -> torch.Tensor:
+        """f_hat of x_i over the grid (B, L, D); a network over a longer sequence (the grid first,
+        e.g. MaskGIT's class slot last) is scored on its grid rows."""
+        mask_ratio = (batch["tokens"] == self.base.mask_id).float().mean(1)
+        pred = net(batch["features"], batch["tokens"], batch["new"], time_input(net, batch["t"], mask_ratio))
+        return pred[:, : batch["tokens"].shape[1]]
+
+    @staticmethod
+    def _on_grid(batch) -> dict:
+        """The batch with features and target at the L grid positions (shards of sequence
+        features hold the grid first); the network itself reads the whole sequence."""
+        L = batch["tokens"].shape[1]
+        return {**batch, "features": batch["features"][:, :L], "target": batch["target"][:, :L]}
 
     def training_step(self, batch, batch_idx):
         pred = self._predict(self.network, batch)
+        batch = self._on_grid(batch)
         loss = self._loss(pred, batch)
         # Stop before a non-finite loss reaches the weights (they and the EMA would all turn NaN and
         # be checkpointed); decided over all ranks at once, so no DDP rank waits on the others.
@@ -155,6 +170,7 @@ class ShortcutModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         pred = self._predict(self.ema, batch)
+        batch = self._on_grid(batch)
         loss = self._loss(pred, batch)
         d = step_diagnostics(pred, batch["target"], batch["features"], self._scope(batch),
                              *self._logits(pred, batch), batch["tokens"] == self.base.mask_id)
@@ -172,13 +188,19 @@ class ShortcutModule(L.LightningModule):
 
     # --- test: the evaluation grid --------------------------------------------------------------
     def on_test_start(self) -> None:
-        if self.trainer.ckpt_path is None and self.hparams.test_weights:
-            self.ema.load_state_dict(shipped_weights(self.hparams.test_weights, self.network.config))
-            print(f"no --ckpt_path given: evaluating the shipped {self.hparams.test_weights}")
-        from migm.evaluation.setup import quality_metrics
-        metrics = quality_metrics(self.hparams.features, self.hparams.classifier,
-                                  self.hparams.reference_samples, self.device,
-                                  clip_path=self.hparams.clip_path)
+        kind = self.hparams.base_kind
+        needs = any(m.needs_shortcut for m in self.evaluation.methods)
+        if self.trainer.ckpt_path is None and needs:
+            weights = self.hparams.test_weights or ("shortcut.pt" if kind == "tiny" else None)
+            if weights is None:
+                from migm.models.assets import CheckpointError
+                raise CheckpointError(f"test on the {kind} base needs trained shortcut weights: pass "
+                                      "--ckpt_path (a fit checkpoint) or --model.init_args.test_weights "
+                                      "(exported or released weights); shortcut.pt is the embedded default's")
+            self.ema.load_state_dict(self.network.config.load_weights(weights, self.base))
+            print(f"no --ckpt_path given: evaluating {weights}")
+        from migm.evaluation.setup import build_metrics
+        metrics = build_metrics(self.hparams.metrics, self.base, kind, self.device)
         grid = EvaluationGrid(self.base, self.ema, metrics, self.evaluation).to(self.device)
         object.__setattr__(self, "grid", grid)        # holds the base: kept out of state_dict
 

@@ -23,8 +23,30 @@ from torch import nn
 
 
 @dataclass
-class ShortcutConfig:
+class NetworkConfig:
+    """Base of every shortcut architecture's config, chosen in YAML by `class_path`: ours
+    (ShortcutConfig), the official MaskGIT one (shortcut/maskgit_official.py), the official
+    DiMOO one (shortcut/dimoo_official.py). ShortcutModule trains and tests whichever is given."""
+
     feature_dim: int = 192        # D of the base model's last-layer features
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} names no network: use a subclass")
+
+    def load_weights(self, path: str, base) -> dict[str, torch.Tensor]:
+        """Weights for `test` from a file in this architecture's released format, as our
+        state_dict; `base` is the frozen base model (some formats lean on its tables)."""
+        raise NotImplementedError(f"{type(self).__name__} has no weight format")
+
+
+def time_input(net: nn.Module, t: torch.Tensor, mask_ratio: torch.Tensor) -> torch.Tensor:
+    """What a network is told about time: ours takes t = (i-1)/N of the grid its output
+    describes; the official ones take that grid's mask ratio (`time_input = "mask_ratio"`)."""
+    return mask_ratio if getattr(net, "time_input", "t") == "mask_ratio" else t
+
+
+@dataclass
+class ShortcutConfig(NetworkConfig):
     vocab_size: int = 256         # ids of decodable tokens (the mask id is never a new token)
     num_tokens: int = 49          # L: positions in the token grid
     ratio: int = 2                # bottleneck R: the shortcut works at width D / R
@@ -49,6 +71,14 @@ class ShortcutConfig:
     @property
     def width(self) -> int:
         return self.feature_dim // self.ratio
+
+    def build(self) -> ShortcutNetwork:
+        return ShortcutNetwork(self)
+
+    def load_weights(self, path: str, base) -> dict[str, torch.Tensor]:
+        """An exported shortcut asset (`python -m migm export shortcut`), by name or path."""
+        from migm.shortcut.module import shipped_weights
+        return shipped_weights(path, self)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
