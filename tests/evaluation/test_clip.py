@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from migm.evaluation.clip import class_prompts, load_clip, to_clip_images
-from migm.evaluation.features import ClassifierFeatures, load_classifier
 from migm.evaluation.quality import QualityMetrics
 from migm.models.assets import CheckpointError
 
@@ -49,9 +48,8 @@ def test_missing_clip_files_are_named(tmp_path):
 def test_clip_score_matches_a_direct_computation_with_the_same_network(clip_dir):
     model, processor = load_clip(clip_dir)
     prompts = class_prompts()
-    metrics = QualityMetrics(ClassifierFeatures(load_classifier()), None, (model, processor), prompts)
+    metrics = QualityMetrics(clip=(model, processor), prompts=prompts)
     images, labels = _images(), torch.arange(20) % 10
-    metrics.add_real(_images(seed=1))
     metrics.add_fake(images[:12], labels[:12])
     metrics.add_fake(images[12:], labels[12:])                    # accumulated over batches
 
@@ -73,4 +71,37 @@ def test_clip_score_matches_a_direct_computation_with_the_same_network(clip_dir)
 
 def test_clip_needs_prompts(clip_dir):
     with pytest.raises(ValueError, match="prompts"):
-        QualityMetrics(ClassifierFeatures(load_classifier()), None, load_clip(clip_dir))
+        QualityMetrics(clip=load_clip(clip_dir))
+
+
+def test_text_to_image_scores_each_sample_against_its_own_prompt(clip_dir, tmp_path):
+    # condition j is prompt j of the evaluation prompt file; no FID, no class accuracy
+    from types import SimpleNamespace
+
+    from migm.evaluation.setup import MetricsConfig, build_metrics
+    texts = ["a red cat on a mat", "a blue dog", "an old lighthouse at night"]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps({"prompt": t, "id": f"p{i}"})
+                                                   for i, t in enumerate(texts)) + "\n")
+    config = MetricsConfig(fid="none", classifier=None, clip_path=str(clip_dir), prompts=str(tmp_path / "eval.jsonl"))
+    metrics = build_metrics(config, SimpleNamespace(num_classes=3), base_kind="dimoo")
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1   # RGB samples
+    metrics.add_fake(images, torch.arange(3))
+    got = metrics.compute()
+    assert set(got) == {"clip_score", "num_samples"}
+
+    model, processor = load_clip(clip_dir)
+    with torch.no_grad():
+        inputs = processor(text=texts, images=list(to_clip_images(images)), return_tensors="pt", padding=True)
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    expected = (100 * torch.cosine_similarity(img, txt, dim=-1)).mean().clamp_min(0)   # torchmetrics: max(mean, 0)
+    assert got["clip_score"] == pytest.approx(float(expected), abs=1e-3)
+
+    # the base's own prompt table is the default; a file that disagrees with it is an error
+    base = SimpleNamespace(num_classes=3, prompts=texts)
+    assert build_metrics(MetricsConfig(fid="none", classifier=None, clip_path=str(clip_dir)), base,
+                         base_kind="dimoo").prompts == texts
+    (tmp_path / "other.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ValueError, match="other.txt differs from the base's prompt table"):
+        build_metrics(MetricsConfig(fid="none", classifier=None, clip_path=str(clip_dir),
+                                    prompts=str(tmp_path / "other.txt")), base, base_kind="dimoo")

@@ -5,16 +5,16 @@ from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
 from migm.evaluation.latency import measure_latency
 from migm.evaluation.quality import QualityMetrics
+from migm.evaluation.reference import stats_from_images
 from migm.models.assets import CheckpointError
 
 
 @pytest.fixture(scope="module")
 def metrics():
     net = load_classifier()
-    m = QualityMetrics(ClassifierFeatures(net), net)
     images, _ = load_fashion_mnist("test")
-    m.add_real(to_model_range(images[:5000]))
-    return m
+    reference = stats_from_images(ClassifierFeatures(net), to_model_range(images[:5000]).split(500))
+    return QualityMetrics(ClassifierFeatures(net), reference, net)
 
 
 def _fid_against(metrics, images, labels=None):
@@ -63,15 +63,34 @@ def test_latency_records_threads_and_uses_the_median():
     assert lat.ms_per_image == pytest.approx(lat.ms_per_batch / 4)
 
 
-def test_cached_reference_gives_the_same_fid_and_rejects_another_extractor(metrics, tmp_path):
+def test_fixed_reference_equals_torchmetrics_own_real_image_accumulation(metrics):
+    # what earlier versions computed: torchmetrics' FID fed the same real images in chunks of 500
+    from torchmetrics.image.fid import FrechetInceptionDistance
     images, _ = load_fashion_mnist("test")
+    feature = metrics.fid.inception
+    real, fake = to_model_range(images[:1000]), to_model_range(images[6000:6500])
+    own = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True)
+    for chunk in real.split(500):
+        own.update(chunk, real=True)
+    own.update(fake, real=False)
+    ours = QualityMetrics(feature, stats_from_images(feature, real.split(500)))
+    ours.add_fake(fake)
+    assert ours.compute()["fid_classifier"] == pytest.approx(float(own.compute()), rel=1e-6)
+
+
+def test_build_metrics_caches_the_fashion_reference_and_rejects_another_extractor(tmp_path):
+    from migm.evaluation.quality import ReferenceFID
+    from migm.evaluation.reference import read_stats
+    from migm.evaluation.setup import MetricsConfig, build_metrics
+    images, labels = load_fashion_mnist("test")
     fake = to_model_range(images[6000:6500])
-    before = _fid_against(metrics, fake)
-    metrics.save_reference(tmp_path / "ref.pt")
-    net = load_classifier()
-    fresh = QualityMetrics(ClassifierFeatures(net), net)
-    fresh.load_reference(tmp_path / "ref.pt")
-    assert _fid_against(fresh, fake)["fid_classifier"] == pytest.approx(before["fid_classifier"], rel=1e-6)
+    config = MetricsConfig(reference_samples=1000, cache_dir=str(tmp_path))
+    first = build_metrics(config)
+    assert (tmp_path / "fid_classifier_test1000.pt").exists()        # the cache name of earlier versions
+    first.add_fake(fake, labels[6000:6500])
+    again = build_metrics(config)                                      # read from the cache
+    again.add_fake(fake, labels[6000:6500])
+    assert again.compute() == pytest.approx(first.compute(), rel=1e-9)
 
     class Tiny(torch.nn.Module):
         name, num_features = "tiny", 3
@@ -79,8 +98,8 @@ def test_cached_reference_gives_the_same_fid_and_rejects_another_extractor(metri
         def forward(self, x):
             return x.flatten(1)[:, :3]
 
-    with pytest.raises(ValueError, match="dimension 128, this extractor has 3"):
-        QualityMetrics(Tiny()).load_reference(tmp_path / "ref.pt")
+    with pytest.raises(ValueError, match="dimension 128, this extractor .tiny. has 3"):
+        ReferenceFID(Tiny(), read_stats(tmp_path / "fid_classifier_test1000.pt"))
 
 
 def test_another_real_domain_scores_far_worse_than_held_out_fashion(metrics):

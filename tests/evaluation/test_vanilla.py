@@ -5,6 +5,7 @@ from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.features import ClassifierFeatures, load_classifier
 from migm.evaluation.grid import GridConfig
 from migm.evaluation.quality import QualityMetrics
+from migm.evaluation.reference import stats_from_images
 from migm.evaluation.vanilla import balanced_conditions, score_steps
 
 
@@ -14,9 +15,9 @@ def test_balanced_conditions_cycle_through_classes():
 
 def test_shipped_base_follows_the_class_and_scores_far_from_noise(shipped_migm):
     net = load_classifier()
-    metrics = QualityMetrics(ClassifierFeatures(net), net)
     images, _ = load_fashion_mnist("test")
-    metrics.add_real(to_model_range(images[:5000]))
+    reference = stats_from_images(ClassifierFeatures(net), to_model_range(images[:5000]).split(500))
+    metrics = QualityMetrics(ClassifierFeatures(net), reference, net)
     rows, _ = score_steps(shipped_migm, metrics, [4, 16], num_samples=400, batch_size=200,
                           config=GridConfig(latency_batch=8, latency_repeats=1))
     for r in rows:

