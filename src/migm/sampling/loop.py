@@ -30,11 +30,17 @@ class StepContext:
     cond: torch.Tensor                   # (branches*B,), null condition in the second half
     prev_features: torch.Tensor | None   # f_{i-1}, (branches*B, L, D); None at step 1
     revealed: torch.Tensor | None        # positions decoded at step i-1, (branches*B, L) bool
+    schedule: tuple[int, ...] = ()       # M_0..M_N: positions still masked after j steps
+    branches: int = 1                    # CFG branches stacked in the rows (2: [cond; uncond])
+    seed: int = 0                        # the loop's seed: for a source's own noise, drawn apart
+                                         # from the loop's generator (which stays the same for all)
 
 
 class FeatureSource(Protocol):
     """Optionally also `step_temperature`: read after each call, it divides that step's guided
-    logits (an accelerator's calibration of the features it extrapolated; 1 when absent)."""
+    logits (an accelerator's calibration of the features it extrapolated; 1 when absent); and
+    `eligible`: read after each call, None or (B or branches*B, L) bool, the only positions this
+    step may fill (ReCAP's group); the count filled stays the schedule's."""
 
     def reset(self) -> None:
         """Forget per-trajectory state before a new batch is generated."""
@@ -74,6 +80,28 @@ class VanillaSource:
         return {"base_calls": self.base_calls, "shortcut_calls": 0}
 
 
+def revealable(masked: torch.Tensor, eligible: torch.Tensor | None, n_reveal: int) -> torch.Tensor:
+    """The positions (B, M) the sampler may fill this step: every masked one, or the masked ones
+    a source marked eligible. Rows must agree on M (the sampler works on a (B, M) block) and have
+    at least the n_reveal the schedule asks for."""
+    B, L = masked.shape
+    if eligible is None:                                  # the common path: no extra checks
+        return masked.nonzero()[:, 1].view(B, -1)
+    if eligible.dim() != 2 or eligible.shape[1] != L or eligible.shape[0] % B:
+        raise ValueError(f"source.eligible must be (B or branches*B, L) = ({B}, {L}) bool, got "
+                         f"{tuple(eligible.shape)}")
+    if eligible.shape[0] != B:
+        if not (eligible.view(-1, B, L) == eligible[:B]).all():
+            raise ValueError("source.eligible differs between CFG branches of one sample")
+        eligible = eligible[:B]
+    masked = masked & eligible.to(device=masked.device, dtype=torch.bool)
+    per_row = masked.sum(1)
+    if (per_row != per_row[0]).any() or int(per_row[0]) < n_reveal:
+        raise ValueError(f"source.eligible leaves {per_row.tolist()} masked positions per row; this "
+                         f"step must fill {n_reveal} in every row (and rows must agree)")
+    return masked.nonzero()[:, 1].view(B, -1)
+
+
 @torch.no_grad()
 def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
              schedule: str = "arccos", sampler: SamplerConfig | None = None, seed: int = 0,
@@ -99,14 +127,17 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
     def stack(x: torch.Tensor) -> torch.Tensor:  # the same grid for every CFG branch
         return x if sampler.branches == 1 else torch.cat([x, x])
 
+    plan = tuple(int(c) for c in counts)
     source.reset()
     for i in range(1, steps + 1):
         ctx = StepContext(step=i, steps=steps, t=(i - 1) / steps, mask_ratio=counts[i - 1] / Lt,
                           tokens=stack(tokens), cond=stacked_cond, prev_features=features,
-                          revealed=None if revealed is None else stack(revealed))
+                          revealed=None if revealed is None else stack(revealed),
+                          schedule=plan, branches=sampler.branches, seed=seed)
         features = source(ctx)                                              # (branches*B, L, D)
-        # every row has M = counts[i-1] masked positions: gather them, score only those
-        masked_pos = (tokens == mask_id).nonzero()[:, 1].view(B, counts[i - 1])        # (B, M)
+        # the M positions this step may fill (every masked one unless the source narrows them)
+        masked_pos = revealable(tokens == mask_id, getattr(source, "eligible", None),
+                                counts[i - 1] - counts[i])                              # (B, M)
         positions = stack(masked_pos)                                   # (branches*B, M)
         index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
         scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
