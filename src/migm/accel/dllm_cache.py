@@ -1,0 +1,172 @@
+"""dLLM-Cache (Liu et al. 2025): per-layer caches refreshed on two clocks, plus a V-guided refresh.
+
+Every layer caches K, V, its attention output and its MLP output for two segments of the
+sequence: the condition (prompt, class token; refreshed every `prompt_interval` steps, Kp) and
+the generated part (the image's rows; every `gen_interval` steps, Kr). A refreshed segment's rows
+are recomputed (queries over all keys, cached or fresh); a segment not refreshed reuses its
+cached attention and MLP outputs, added to the *current* residual stream. Between the generated
+part's refreshes, V is recomputed for all of its rows and the `transfer_ratio` (rho) fraction
+whose V moved most (lowest cosine to the cached V) get fresh K, attention and MLP, overwriting
+their cache rows; V's cache takes all the new values.
+
+Reference facts this relies on (maomaocun/dLLM-cache@17235bf):
+- dllm_cache/cache/Cache.py: current_step is the forward's 1-based index (a per-layer counter
+  bumped at each block entry, max over layers); refresh_gen iff (step - 1) % gen_interval_steps ==
+  0, refresh_prompt iff (step - 1) % prompt_interval_steps == 0: both at step 1.
+- dllm_cache/hooks/cache_hook_MMaDA.py cache_hook_feature: the four cases; prompt = rows
+  [:prompt_length], gen = the rest; refresh_index: num_replace = int(gen_len * transfer_ratio)
+  rows with the lowest cosine_similarity(v_new, v_cached) over the feature dim (kv heads
+  flattened); transfer only when 0 < transfer_ratio <= 1; the refreshed rows' q and k recomputed,
+  V cache replaced by all new values, K cache scattered at the rows, their attention (RoPE at
+  their positions, q_index) and MLP outputs scattered into the caches; x = x + attention (cached
+  or fresh), then og_x + MLP (cached or fresh).
+- demo_MMada_t2i_cache.py batches both CFG branches into one forward, so one clock serves both;
+  it sets prompt_length to the whole input length (everything is "prompt"): the t2i demo never
+  exercises the gen segment. Here the generated segment is the image part (Stream.generated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from migm.accel.method import Method
+from migm.models.layers import FlopLedger, attend, full_layer, gather_rows, put_rows
+from migm.sampling.loop import StepContext
+
+
+@dataclass
+class DLLMCacheConfig:
+    """One setting. The paper's (Kp, Kr) = (10, 5) and (64, 16) at DiMOO's 64 steps."""
+
+    prompt_interval: int = 10    # Kp: the condition segment is recomputed every Kp steps
+    gen_interval: int = 5        # Kr: the generated segment is recomputed every Kr steps
+    transfer_ratio: float = 0.5  # rho in [0, 1]: share of generated rows refreshed in between
+                                 # (0: none; the paper does not say; 0.5 per the authors)
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_interval", "gen_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"dLLM-Cache.{name}: must be an integer >= 1, got {value!r}")
+        if not 0 <= self.transfer_ratio <= 1:
+            raise ValueError(f"dLLM-Cache.transfer_ratio: must lie in [0, 1] (0 = no transfer), "
+                             f"got {self.transfer_ratio}")
+
+    def check_steps(self, steps: int) -> None:
+        for name in ("prompt_interval", "gen_interval"):
+            if getattr(self, name) > steps:
+                raise ValueError(f"dLLM-Cache.{name}: {getattr(self, name)} > N={steps}: the cache "
+                                 f"would never be refreshed on that clock")
+
+    def refreshes(self, step: int) -> tuple[bool, bool]:
+        """(condition, generated) refreshed at 1-indexed `step` (Cache.py)."""
+        return (step - 1) % self.prompt_interval == 0, (step - 1) % self.gen_interval == 0
+
+
+class DLLMCacheSource:
+    def __init__(self, model, config: DLLMCacheConfig, steps: int) -> None:
+        config.check_steps(steps)
+        self.model, self.config, self.steps = model, config, steps
+        self.ledger = FlopLedger()
+        self.reset()
+
+    def reset(self) -> None:
+        self.base_calls = self.partial = 0
+        self.cache: list[dict[str, torch.Tensor]] = []
+        self.ledger.reset()
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        if ctx.steps != self.steps:
+            raise ValueError(f"dLLM-Cache was built for N={self.steps} steps, the loop runs {ctx.steps}")
+        m = self.model
+        s = m.embed_sequence(ctx.tokens, ctx.cond)
+        shape, (B, T) = m.layer_shape(), s.hidden.shape[:2]
+        refresh_ctx, refresh_gen = self.config.refreshes(ctx.step)
+        refresh_ctx = refresh_ctx or s.context.shape[1] == 0
+        self.ledger.step(shape, s)
+        if (refresh_ctx and refresh_gen) or not self.cache:
+            self.base_calls += 1
+            pe, h, self.cache = m.position_encoding(s.rows), s.hidden, []
+            for layer in m.layers():
+                out = full_layer(layer, h, pe, s.key_mask)
+                self.cache.append({"k": out.k, "v": out.v, "attn": out.attn, "mlp": out.mlp})
+                h = out.hidden
+            self.ledger.add(shape.call(B, T, s.grid.shape[1]))
+            return m.final(gather_rows(h, s.grid))
+        self.partial += 1
+        h = s.hidden
+        for layer, c in zip(m.layers(), self.cache):
+            h = self._layer(layer, c, h, s, refresh_ctx, refresh_gen, shape)
+        self.ledger.add(B * (T * shape.embed_row + s.grid.shape[1] * shape.final_row))
+        return m.final(gather_rows(h, s.grid))
+
+    def _layer(self, layer, c: dict, h: torch.Tensor, s, refresh_ctx: bool, refresh_gen: bool,
+               shape) -> torch.Tensor:
+        m, B, T = self.model, h.shape[0], h.shape[1]
+        x = layer.attn_input(h)                                                  # (B, T, D)
+        queries, rows = [], []                                                   # rows recomputed
+        flops = 0
+        for seg, refresh in ((s.context, refresh_ctx), (s.generated, refresh_gen)):
+            if refresh and seg.shape[1]:
+                q, k, v = layer.project(gather_rows(x, seg), m.position_encoding(seg))
+                put_rows(c["k"], seg, k, dim=2), put_rows(c["v"], seg, v, dim=2)
+                queries.append(q), rows.append(seg)
+                flops += shape.q(seg.shape[1]) + 2 * shape.k(seg.shape[1])
+        G = s.generated.shape[1]
+        if not refresh_gen and self.config.transfer_ratio > 0:
+            gen = s.generated
+            xg = gather_rows(x, gen)
+            v_new, = layer.project(xg, m.position_encoding(gen), "v")            # (B, Hkv, G, d)
+            flat = lambda t: rearrange(t, "b h g d -> b g (h d)").float()
+            cos = F.cosine_similarity(flat(v_new), flat(gather_rows(c["v"], gen, dim=2)), dim=-1)
+            pick = cos.topk(int(G * self.config.transfer_ratio), dim=-1, largest=False).indices
+            sel = gen.gather(1, pick)                                            # (B, S) rows
+            q, k = layer.project(gather_rows(xg, pick), m.position_encoding(sel), "qk")
+            put_rows(c["v"], gen, v_new, dim=2), put_rows(c["k"], sel, k, dim=2)
+            queries.append(q), rows.append(sel)
+            flops += shape.v(G) + shape.q(sel.shape[1]) + shape.k(sel.shape[1])
+        fresh = torch.cat(rows, 1) if rows else None                              # (B, R)
+        if fresh is not None:
+            a = layer.project_attn(attend(torch.cat(queries, 2), c["k"], c["v"], s.key_mask))
+            put_rows(c["attn"], fresh, a)
+        h = h + c["attn"]
+        if fresh is not None:
+            put_rows(c["mlp"], fresh, layer.mlp_branch(gather_rows(h, fresh)))
+            R = fresh.shape[1]
+            flops += shape.attention(R, T) + shape.out(R) + shape.mlp(R)
+        self.ledger.add(B * flops)
+        return h + c["mlp"]
+
+    def counts(self) -> dict[str, float]:
+        return {"base_calls": self.base_calls, "partial_steps": self.partial,
+                "base_flops_fraction": self.ledger.fraction}
+
+
+@dataclass
+class DLLMCache(Method):
+    """dLLM-Cache on the one loop. Swept: `steps`, `prompt_interval` (Kp), `gen_interval` (Kr);
+    fixed: `transfer_ratio` (rho)."""
+
+    prompt_interval: list[int] = field(default_factory=lambda: [10])
+    gen_interval: list[int] = field(default_factory=lambda: [5])
+    transfer_ratio: float = 0.5
+
+    name: ClassVar[str] = "dllm_cache"
+
+    def config(self, prompt_interval: int, gen_interval: int) -> DLLMCacheConfig:
+        return DLLMCacheConfig(prompt_interval, gen_interval, self.transfer_ratio)
+
+    def check(self, steps: int, prompt_interval: int, gen_interval: int, **knobs) -> None:
+        super().check(steps)
+        self.config(prompt_interval, gen_interval).check_steps(steps)
+
+    def label(self, steps: int, prompt_interval: int, gen_interval: int, **knobs) -> str:
+        return f"N{steps}/Kp{prompt_interval}/Kr{gen_interval}"
+
+    def source(self, model, shortcut, steps: int, prompt_interval: int, gen_interval: int, **knobs):
+        return DLLMCacheSource(model, self.config(prompt_interval, gen_interval), steps)

@@ -1,0 +1,172 @@
+"""ML-Cache (Lumina-DiMOO's own accelerator): recompute only the least confident rows.
+
+After W = int(N w) warm-up steps (steps 0..W, 0-indexed, are full: W + 1 of them) the base runs
+in full every `refresh_interval` steps. At the other steps only the (1 - c) fraction of sequence
+rows whose largest image-code logit was lowest at the previous step goes through the layers:
+their K/V rows overwrite the per-layer cache, their queries attend over the whole cached K/V, and
+every other row keeps its cached output (its logits, here its final features). Rows are all of
+the sequence's (prompt, layout tokens, decoded and masked image cells), as in the reference.
+
+Reference facts this relies on (Alpha-VLLM/Lumina-DiMOO@81344e6):
+- generators/image_generation_generator.py l.74-79: warmup_step = int(timesteps * warmup_ratio);
+  step (0-indexed) is a refresh step iff step <= warmup_step or (step - warmup_step) %
+  refresh_interval == 0; l.98-102 the caches are emptied at refresh steps; l.138-145 after step s,
+  if step s+1 is not a refresh step, per branch: conf = max over the image-code logits at every
+  position of the sequence, threshold = torch.quantile(conf, 1 - cache_ratio), recompute the
+  positions with conf <= threshold (floor((1 - c)(T - 1)) + 1 of T distinct values).
+- model/modeling_llada.py LLaDAModel.forward l.1244: only the selected input ids are embedded;
+  LLaDALlamaBlock.forward l.929-940: their k/v overwrite the cache rows ('cond' and 'uncond'
+  caches apart), attention of their queries over the whole cache with RoPE at their positions
+  (attention, q_mask = the selected indices); l.1406-1411 their logits overwrite the logit cache,
+  the others keep theirs.
+- differences, named: both CFG branches run in one batch here, so every row recomputes the same
+  count (the largest any row's formula gives: a branch with a shorter prompt recomputes a row or
+  two more than its own share); padding rows are never chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from migm.accel.method import Method
+from migm.models.layers import FlopLedger, attend, full_layer, gather_rows, put_rows
+from migm.sampling.loop import StepContext
+
+
+@dataclass
+class MLCacheConfig:
+    """One setting. The paper's (w, r, c) = (0.1, 5, 0.9) and (0.0, 5, 0.9) at 64 steps."""
+
+    warmup_ratio: float = 0.1      # w in [0, 1): steps 0..int(N w) (0-indexed) are full
+    refresh_interval: int = 5      # r: a full step every r steps after the warm-up (1 = vanilla)
+    cache_ratio: float = 0.9       # c in [0, 1]: share of rows kept from the cache between
+                                   # (0: every row recomputed, the cache only reorders work)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"ML-Cache.warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
+        if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
+            raise ValueError(f"ML-Cache.refresh_interval: must be an integer >= 1, got "
+                             f"{self.refresh_interval!r}")
+        if not 0 <= self.cache_ratio <= 1:
+            raise ValueError(f"ML-Cache.cache_ratio: must lie in [0, 1], got {self.cache_ratio}")
+
+    def check_steps(self, steps: int) -> None:
+        W = int(steps * self.warmup_ratio)
+        if W >= steps - 1:
+            raise ValueError(f"ML-Cache.warmup_ratio: {self.warmup_ratio} at N={steps} makes "
+                             f"steps 1..{W + 1} warm-up, the whole run: the cache never applies")
+        if self.refresh_interval > steps:
+            raise ValueError(f"ML-Cache.refresh_interval: {self.refresh_interval} > N={steps}")
+
+    def refresh_steps(self, steps: int) -> list[int]:
+        """1-indexed full steps (the reference's loop over 0-indexed steps, shifted by one)."""
+        W = int(steps * self.warmup_ratio)
+        return [j + 1 for j in range(steps) if j <= W or (j - W) % self.refresh_interval == 0]
+
+    def recompute_count(self, rows: int) -> int:
+        """How many of `rows` distinct confidences satisfy conf <= quantile(conf, 1 - c): the
+        quantile's position (1 - c)(rows - 1) is computed in fp32 by torch (the fp64 product
+        gives one row fewer at e.g. c = 0.9, rows = 51), then floor + 1."""
+        q = torch.tensor(1 - self.cache_ratio, dtype=torch.float32)
+        return int(torch.floor(q * torch.tensor(rows - 1, dtype=torch.float32))) + 1
+
+
+class MLCacheSource:
+    def __init__(self, model, config: MLCacheConfig, steps: int) -> None:
+        config.check_steps(steps)
+        self.model, self.config, self.steps = model, config, steps
+        self.refresh = frozenset(config.refresh_steps(steps))
+        self.ledger = FlopLedger()
+        self.reset()
+
+    def reset(self) -> None:
+        self.base_calls = self.partial = 0
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rows_out: torch.Tensor | None = None   # (B, T, D) final features of every row
+        self.conf: torch.Tensor | None = None       # (B, T) largest code logit of every row
+        self.ledger.reset()
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        if ctx.steps != self.steps:
+            raise ValueError(f"ML-Cache was built for N={self.steps} steps, the loop runs {ctx.steps}")
+        m = self.model
+        s = m.embed_sequence(ctx.tokens, ctx.cond)
+        shape, (B, T), L = m.layer_shape(), s.hidden.shape[:2], s.grid.shape[1]
+        self.ledger.step(shape, s)
+        rank_next = ctx.step < self.steps and ctx.step + 1 not in self.refresh
+        if ctx.step in self.refresh or self.conf is None:
+            self.base_calls += 1
+            pe, h, self.kv = m.position_encoding(s.rows), s.hidden, []
+            for layer in m.layers():
+                out = full_layer(layer, h, pe, s.key_mask)
+                self.kv.append((out.k, out.v))
+                h = out.hidden
+            self.rows_out = m.final(h)                                          # (B, T, D)
+            self.ledger.add(shape.call(B, T, L) + B * (T - L) * shape.final_row)
+            if rank_next:
+                self.conf = self._confidence(self.rows_out, s.rows, s)
+                self.ledger.add(B * shape.head(T))
+            return gather_rows(self.rows_out, s.grid)
+        self.partial += 1
+        rows = self._pick(s)                                                     # (B, R)
+        R = rows.shape[1]
+        pe, h = m.position_encoding(rows), gather_rows(s.hidden, rows)
+        for layer, (K, V) in zip(m.layers(), self.kv):
+            q, k, v = layer.project(layer.attn_input(h), pe)
+            put_rows(K, rows, k, dim=2), put_rows(V, rows, v, dim=2)
+            h = h + layer.project_attn(attend(q, K, V, s.key_mask))
+            h = h + layer.mlp_branch(h)
+        fresh = m.final(h)
+        put_rows(self.rows_out, rows, fresh)
+        self.ledger.add(B * (T * shape.embed_row + shape.depth * shape.layer(R, T) + R * shape.final_row))
+        if rank_next:
+            put_rows(self.conf, rows, self._confidence(fresh, rows, None))
+            self.ledger.add(B * shape.head(R))
+        return gather_rows(self.rows_out, s.grid)
+
+    def _confidence(self, features: torch.Tensor, rows: torch.Tensor, s) -> torch.Tensor:
+        conf = self.model.row_logits(features, rows).float().amax(-1)           # (B, M)
+        if s is not None and s.key_mask is not None:
+            conf = conf.masked_fill(~s.key_mask, float("inf"))                  # padding: never
+        return conf
+
+    def _pick(self, s) -> torch.Tensor:
+        """The rows to recompute: the lowest confidences, as many as the reference's quantile
+        keeps for the longest row."""
+        B, T = self.conf.shape
+        real = s.key_mask.sum(1) if s.key_mask is not None else torch.full((B,), T)
+        n = max(self.config.recompute_count(int(t)) for t in real)
+        return self.conf.topk(n, dim=-1, largest=False).indices                 # (B, n)
+
+    def counts(self) -> dict[str, float]:
+        return {"base_calls": self.base_calls, "partial_steps": self.partial,
+                "base_flops_fraction": self.ledger.fraction}
+
+
+@dataclass
+class MLCache(Method):
+    """ML-Cache on the one loop. Swept: `steps`, `warmup_ratio` (w), `refresh_interval` (r),
+    `cache_ratio` (c)."""
+
+    warmup_ratio: list[float] = field(default_factory=lambda: [0.1])
+    refresh_interval: list[int] = field(default_factory=lambda: [5])
+    cache_ratio: list[float] = field(default_factory=lambda: [0.9])
+
+    name: ClassVar[str] = "ml_cache"
+
+    def check(self, steps: int, warmup_ratio: float, refresh_interval: int, cache_ratio: float,
+              **knobs) -> None:
+        super().check(steps)
+        MLCacheConfig(warmup_ratio, refresh_interval, cache_ratio).check_steps(steps)
+
+    def label(self, steps: int, warmup_ratio: float, refresh_interval: int, cache_ratio: float,
+              **knobs) -> str:
+        return f"N{steps}/w{warmup_ratio:g}/r{refresh_interval}/c{cache_ratio:g}"
+
+    def source(self, model, shortcut, steps: int, warmup_ratio: float, refresh_interval: int,
+               cache_ratio: float, **knobs):
+        return MLCacheSource(model, MLCacheConfig(warmup_ratio, refresh_interval, cache_ratio), steps)
