@@ -332,12 +332,13 @@ def tokenize_prompts(tokenizer_dir: str | Path, prompts: Sequence[str],
 
 
 def read_prompts(prompts: Sequence[str] | str | Path | None) -> list[str]:
-    """None: DEFAULT_PROMPTS; a str or Path: a text file, one prompt per non-blank line."""
+    """None: DEFAULT_PROMPTS; a str or Path: a prompt file (plain text, one prompt per non-blank
+    line, or JSONL; data/prompts.py)."""
     if prompts is None:
         return list(DEFAULT_PROMPTS)
     if isinstance(prompts, (str, Path)):
-        lines = [p.strip() for p in _need(Path(prompts), "prompt file").read_text().splitlines()]
-        prompts = [p for p in lines if p]
+        from migm.data.prompts import read_prompt_file
+        prompts = read_prompt_file(prompts).prompts
     if not prompts:
         raise ValueError("the prompt table is empty: give at least one prompt")
     return list(prompts)
