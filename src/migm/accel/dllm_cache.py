@@ -20,6 +20,7 @@ Reference facts this relies on (maomaocun/dLLM-cache@17235bf):
   V cache replaced by all new values, K cache scattered at the rows, their attention (RoPE at
   their positions, q_index) and MLP outputs scattered into the caches; x = x + attention (cached
   or fresh), then og_x + MLP (cached or fresh).
+- LLaDA_test_flops_script.py / Dream_test_flops_script.py l.24: --transfer_ratio defaults to 0.25.
 - demo_MMada_t2i_cache.py batches both CFG branches into one forward, so one clock serves both;
   it sets prompt_length to the whole input length (everything is "prompt"): the t2i demo never
   exercises the gen segment. Here the generated segment is the image part (Stream.generated).
@@ -45,8 +46,9 @@ class DLLMCacheConfig:
 
     prompt_interval: int = 10    # Kp: the condition segment is recomputed every Kp steps
     gen_interval: int = 5        # Kr: the generated segment is recomputed every Kr steps
-    transfer_ratio: float = 0.5  # rho in [0, 1]: share of generated rows refreshed in between
-                                 # (0: none; the paper does not say; 0.5 per the authors)
+    transfer_ratio: float = 0.25  # rho in [0, 1]: share of generated rows refreshed in between
+                                  # (0: none; the paper does not give it; the repo's FLOP
+                                  # scripts default to 0.25)
 
     def __post_init__(self) -> None:
         for name in ("prompt_interval", "gen_interval"):
@@ -154,7 +156,7 @@ class DLLMCache(Method):
 
     prompt_interval: list[int] = field(default_factory=lambda: [10])
     gen_interval: list[int] = field(default_factory=lambda: [5])
-    transfer_ratio: float = 0.5
+    transfer_ratio: float = 0.25
 
     name: ClassVar[str] = "dllm_cache"
 

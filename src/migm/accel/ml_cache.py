@@ -19,6 +19,9 @@ Reference facts this relies on (Alpha-VLLM/Lumina-DiMOO@81344e6):
   caches apart), attention of their queries over the whole cache with RoPE at their positions
   (attention, q_mask = the selected indices); l.1406-1411 their logits overwrite the logit cache,
   the others keep theirs.
+- README.md l.185 / inference/inference_t2i.py l.41-43: cache_ratio in (0, 1), warmup_ratio in
+  [0, 1), refresh_interval in (1, N - int(w N) - 1]; defaults 0.9, 0.3, 5. Here c = 0 is allowed
+  too (every row recomputed: the cache path checked against vanilla) and r = 1 is vanilla.
 - differences, named: both CFG branches run in one batch here, so every row recomputes the same
   count (the largest any row's formula gives: a branch with a shorter prompt recomputes a row or
   two more than its own share); padding rows are never chosen.
@@ -42,8 +45,8 @@ class MLCacheConfig:
 
     warmup_ratio: float = 0.1      # w in [0, 1): steps 0..int(N w) (0-indexed) are full
     refresh_interval: int = 5      # r: a full step every r steps after the warm-up (1 = vanilla)
-    cache_ratio: float = 0.9       # c in [0, 1]: share of rows kept from the cache between
-                                   # (0: every row recomputed, the cache only reorders work)
+    cache_ratio: float = 0.9       # c in [0, 1): share of rows kept from the cache between
+                                   # (0: every row recomputed, a check of the cache's code path)
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_ratio < 1:
@@ -51,16 +54,18 @@ class MLCacheConfig:
         if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
             raise ValueError(f"ML-Cache.refresh_interval: must be an integer >= 1, got "
                              f"{self.refresh_interval!r}")
-        if not 0 <= self.cache_ratio <= 1:
-            raise ValueError(f"ML-Cache.cache_ratio: must lie in [0, 1], got {self.cache_ratio}")
+        if not 0 <= self.cache_ratio < 1:
+            raise ValueError(f"ML-Cache.cache_ratio: must lie in [0, 1), got {self.cache_ratio}")
 
     def check_steps(self, steps: int) -> None:
         W = int(steps * self.warmup_ratio)
         if W >= steps - 1:
             raise ValueError(f"ML-Cache.warmup_ratio: {self.warmup_ratio} at N={steps} makes "
                              f"steps 1..{W + 1} warm-up, the whole run: the cache never applies")
-        if self.refresh_interval > steps:
-            raise ValueError(f"ML-Cache.refresh_interval: {self.refresh_interval} > N={steps}")
+        if self.refresh_interval > steps - W - 1:
+            raise ValueError(f"ML-Cache.refresh_interval: {self.refresh_interval} > N - int(N w) - 1 "
+                             f"= {steps - W - 1} at N={steps}: no refresh after the warm-up (the "
+                             f"reference's README bounds it so)")
 
     def refresh_steps(self, steps: int) -> list[int]:
         """1-indexed full steps (the reference's loop over 0-indexed steps, shifted by one)."""
