@@ -27,7 +27,7 @@ def _collect(model, path, n, steps=4, seed=0):
     out = generate(model, VanillaSource(model), cond, steps, seed=seed, observers=[rec])
     return write_shard(path, _schema(model, steps), tokens=out.tokens.numpy(),
                        decode_step=out.decode_step.numpy(), cond=cond.numpy(),
-                       seed=np.full(n, seed), **rec.arrays())
+                       seed=np.full(n, seed), index=np.arange(n), **rec.arrays())
 
 
 @pytest.fixture
@@ -98,3 +98,26 @@ def test_throughput_helpers_recompress_losslessly_and_read(shard_dir, tmp_path):
                 np.testing.assert_array_equal(a["features"][:], b["features"][:])
         assert bytes_per_trajectory([copy]) > 0
     assert loader_rate([shard_dir], batch_size=4, max_batches=3) > 0
+
+
+# --- issue 16.4: one directory, one trajectory, one split ------------------------------------------
+def test_the_same_directory_twice_is_an_error(shard_dir, monkeypatch):
+    monkeypatch.chdir(shard_dir.parent)
+    for dirs in ([str(shard_dir), str(shard_dir) + "/"], [str(shard_dir), shard_dir.name],
+                 [str(shard_dir), f"{shard_dir}/../{shard_dir.name}"]):
+        with pytest.raises(ShardError, match=r"dirs: .* are the same directory"):
+            TrajectoryDataModule(dirs, val_fraction=0.25).setup()
+
+
+def test_a_trajectory_recorded_twice_is_an_error_never_in_both_splits(shard_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(shard_dir, tmp_path / "copy")                 # the same generations again
+    with pytest.raises(ShardError, match=r"copy/shard-000-00000.h5: trajectory \(seed 0, index 0\) "
+                                         r"is recorded twice \(also in .*traj/shard-000-00000.h5\)"):
+        TrajectoryDataModule([str(shard_dir), str(tmp_path / "copy")], val_fraction=0.25).setup()
+    dm = TrajectoryDataModule([str(shard_dir)], val_fraction=0.25)
+    dm.setup()
+    train = {tuple(k) for k in dm.train_set.keys.tolist()}
+    val = {tuple(k) for k in dm.val_set.keys.tolist()}
+    assert len(train) + len(val) == 8 and not train & val

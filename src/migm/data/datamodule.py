@@ -5,6 +5,12 @@ produced at step i, the grid after step i and which positions step i decoded, th
 next step's features as target. Splits are by trajectory, never by step, so validation measures
 generalisation to unseen generations. HDF5 handles open lazily in whichever process reads
 (DataLoader workers included) and never cross a process boundary.
+
+Every sample read is checked (trajectories.read_features): a chunk failing its checksum or a
+non-finite feature is a ShardError naming the file, trajectory and step. The directories are
+resolved and must be distinct, and a trajectory (seed, index) recorded twice anywhere in them is
+an error: otherwise a directory listed as `d` and `d/` put every validation trajectory in
+training too.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import lightning as L
@@ -20,18 +27,46 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from migm.data.trajectories import ShardError, ShardSchema, open_shard
+from migm.data.trajectories import (
+    ShardError,
+    ShardSchema,
+    open_shard,
+    read_features,
+    read_small,
+    trajectory_keys,
+)
+
+
+def resolve_dirs(dirs: list[str | Path]) -> list[Path]:
+    """Absolute, symlink-free directories; the same one named twice is an error."""
+    seen: dict[Path, str] = {}
+    for d in dirs:
+        real = Path(d).resolve()
+        if real in seen:
+            raise ShardError(f"dirs: {seen[real]!s} and {d!s} are the same directory ({real}); "
+                             "list each shard directory once")
+        seen[real] = str(d)
+    return list(seen)
+
+
+def _manifest(path: Path) -> dict:
+    if not path.exists():
+        raise ShardError(f"{path}: missing; run `python -m migm collect` to completion "
+                         "(the manifest is written last)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: not valid JSON ({err}); rerun `python -m migm collect` to "
+                         "rewrite it") from err
 
 
 def scan_shards(dirs: list[str | Path]) -> tuple[ShardSchema, list[tuple[Path, int]]]:
-    """Validate every shard listed by each directory's manifest; all must share one schema."""
-    schema, shards = None, []
-    for d in map(Path, dirs):
+    """Validate every shard listed by each directory's manifest; all must share one schema, and
+    no trajectory (seed, index) may appear twice."""
+    schema, shards, owner = None, [], {}
+    for d in resolve_dirs(dirs):
         manifest_path = d / "manifest.json"
-        if not manifest_path.exists():
-            raise ShardError(f"{manifest_path}: missing; run `python -m migm collect` to completion "
-                             "(the manifest is written last)")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _manifest(manifest_path)
         listed = {s["file"]: s["trajectories"] for s in manifest.get("shards", [])}
         on_disk = {p.name for p in d.glob("shard-*.h5")}
         if on_disk - set(listed):
@@ -48,6 +83,12 @@ def scan_shards(dirs: list[str | Path]) -> tuple[ShardSchema, list[tuple[Path, i
                 schema = got
             elif got.mismatch(schema):
                 raise ShardError(f"{path}: does not match {shards[0][0]}: {'; '.join(got.mismatch(schema))}")
+            for row, key in enumerate(map(tuple, trajectory_keys(path, got).tolist())):
+                if key in owner:
+                    raise ShardError(f"{path}: trajectory (seed {key[0]}, index {key[1]}) is recorded "
+                                     f"twice (also in {owner[key]}): the same generation would be in "
+                                     "training and validation; list each collection once")
+                owner[key] = path
             shards.append((path, n))
     if schema is None or not shards:
         raise ShardError(f"no trajectories in {', '.join(map(str, dirs))}")
@@ -55,7 +96,8 @@ def scan_shards(dirs: list[str | Path]) -> tuple[ShardSchema, list[tuple[Path, i
 
 
 class TrajectoryDataset(Dataset):
-    """Samples (trajectory, i, branch) for i = 1..N-1 over a fixed list of trajectories."""
+    """Samples (trajectory, pair, branch): every i = 1..N-1 of a full recording, or the P pairs a
+    bounded one stored (schema.recorded_pairs), over a fixed list of trajectories."""
 
     def __init__(self, schema: ShardSchema, shards: list[tuple[Path, int]],
                  trajectories: np.ndarray) -> None:
@@ -65,17 +107,21 @@ class TrajectoryDataset(Dataset):
         self.trajectories = trajectories                     # global trajectory ids
         self.shard_of = np.searchsorted(offsets, trajectories, side="right") - 1
         self.local = trajectories - offsets[self.shard_of]
-        self.pairs = (schema.steps - 1) * schema.branches
-        # Token arrays are tiny: read once here instead of once per sample.
-        tokens, steps, times = [], [], None
+        self.pairs = schema.pairs * schema.branches
+        # Token arrays are tiny: read (and checksum-verified) once here, not once per sample.
+        tokens, steps, keys, pair_step, times = [], [], [], [], None
         for path in self.paths:
-            with h5py.File(path, "r") as f:
-                tokens.append(f["tokens"][:])
-                steps.append(f["decode_step"][:])
-                times = f["times"][:]
-        all_tokens, all_steps = np.concatenate(tokens), np.concatenate(steps)
-        self.tokens = torch.from_numpy(all_tokens[trajectories].astype(np.int64))
-        self.decode_step = torch.from_numpy(all_steps[trajectories].astype(np.int64))
+            tokens.append(read_small(path, "tokens"))
+            steps.append(read_small(path, "decode_step"))
+            keys.append(trajectory_keys(path, schema))
+            if schema.recorded_pairs:
+                pair_step.append(read_small(path, "pair_step"))
+            times = read_small(path, "times")
+        self.tokens = torch.from_numpy(np.concatenate(tokens)[trajectories].astype(np.int64))
+        self.decode_step = torch.from_numpy(np.concatenate(steps)[trajectories].astype(np.int64))
+        self.keys = np.concatenate(keys)[trajectories]                       # (n, 2) seed, index
+        self.pair_step = (np.concatenate(pair_step)[trajectories].astype(np.int64)
+                          if schema.recorded_pairs else None)               # (n, P)
         self.times = torch.from_numpy(np.append(times, 1.0)).float()   # t_i for i = 0..N
         self._files: dict[int, h5py.File] = {}
         self._pid = None
@@ -92,12 +138,16 @@ class TrajectoryDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         row, rest = divmod(k, self.pairs)
-        i, branch = divmod(rest, self.schema.branches)
-        i += 1                                                      # step 1..N-1
-        feats = self._file(int(self.shard_of[row]))["features"]
-        local = int(self.local[row])
-        f_i = torch.from_numpy(feats[local, i - 1, branch]).float()       # features of x_{i-1}
-        f_next = torch.from_numpy(feats[local, i, branch]).float()        # features of x_i
+        pair, branch = divmod(rest, self.schema.branches)
+        if self.pair_step is None:
+            i, slot = pair + 1, pair                    # step 1..N-1; f_i sits in slot i - 1
+        else:
+            i, slot = int(self.pair_step[row, pair]), 2 * pair      # slots 2k, 2k+1: f_i, f_{i+1}
+        shard = int(self.shard_of[row])
+        read = lambda s, step: read_features(self._file(shard)["features"], self.paths[shard],
+                                             int(self.local[row]), s, branch, step, self.keys[row],
+                                             self.schema.schema_version)
+        f_i, f_next = read(slot, i), read(slot + 1, i + 1)       # features of x_{i-1} and of x_i
         decode_step = self.decode_step[row]
         x_i = torch.where(decode_step <= i, self.tokens[row], self.schema.mask_id)
         return {"features": f_i, "target": f_next, "tokens": x_i, "new": decode_step == i,
@@ -112,18 +162,21 @@ class TrajectoryDataset(Dataset):
 def manifest_hash(dirs: list[str | Path]) -> str:
     """sha256 over the manifests of `dirs`: names the exact training data in a run's config."""
     digest = hashlib.sha256()
-    for d in dirs:
-        digest.update((Path(d) / "manifest.json").read_bytes())
+    for d in resolve_dirs(dirs):
+        digest.update((d / "manifest.json").read_bytes())
     return digest.hexdigest()[:16]
 
 
 class TrajectoryDataModule(L.LightningDataModule):
-    """fit/validate: trajectories from shard directories. test: the evaluation conditions (classes
-    cycling 0..C-1, one seed per batch), so `test` needs no shards."""
+    """fit/validate: trajectories from shard directories. test: the evaluation conditions, one seed
+    per batch, so `test` needs no shards: `test_conditions` cycle (classes 0..C-1 in turn; prompt
+    j for a prompt table) or shuffled (a class-balanced pool in a random order seeded by `seed`,
+    as MaskGIT's reference draws its evaluation classes; data/collection.py ConditionDataset)."""
 
     def __init__(self, dirs: list[str], val_fraction: float = 0.1, batch_size: int = 256,
                  num_workers: int = 0, seed: int = 0, test_samples: int = 1000,
-                 test_batch_size: int = 250, num_classes: int = 10) -> None:
+                 test_batch_size: int = 250, num_classes: int = 10,
+                 test_conditions: Literal["cycle", "shuffled"] = "cycle") -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
@@ -162,7 +215,8 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         from migm.data.collection import ConditionDataset
-        ds = ConditionDataset(self.hparams.test_samples, self.hparams.num_classes)
+        ds = ConditionDataset(self.hparams.test_samples, self.hparams.num_classes,
+                              self.hparams.test_conditions, self.hparams.seed)
         return DataLoader(ds, batch_size=self.hparams.test_batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:

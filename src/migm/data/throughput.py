@@ -11,14 +11,13 @@ import shutil
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from migm.data.collection import write_manifest
 from migm.data.datamodule import TrajectoryDataset, scan_shards
-from migm.data.trajectories import write_shard
+from migm.data.trajectories import rewrite_shard
 
 
 @torch.no_grad()
@@ -37,9 +36,7 @@ def recompress(source_dir: Path, out_dir: Path, compression: str | None) -> Path
     if out_dir.exists():
         shutil.rmtree(out_dir)
     for path, _ in shards:
-        with h5py.File(path, "r") as f:
-            arrays = {k: f[k][:] for k in f}
-        write_shard(out_dir / path.name, schema, compression=compression, **arrays)
+        rewrite_shard(path, out_dir / path.name, compression)
     write_manifest(out_dir, schema, {"recompressed_from": str(source_dir), "compression": compression})
     return out_dir
 

@@ -192,7 +192,8 @@ def load_checkpoint(name_or_path: str | Path, kind: str, asset_dir: Path = ASSET
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({err})") from err
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(err).__name__}): "
+                              "expected a torch.save'd dict of weights") from err
     if not isinstance(blob, dict) or blob.get("kind") != kind:
         got = blob.get("kind") if isinstance(blob, dict) else type(blob).__name__
         raise CheckpointError(f"{path}: field 'kind' is {got!r}, expected {kind!r}")

@@ -33,6 +33,9 @@ def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=No
     `tokenizer` its VQ folder ("" for base/vqvae), and `options` go to DiMOOMIGM.from_checkpoint
     (prompts, dtype, device).
     """
+    if kind in ("tiny", "maskgit") and options:       # never silently dropped (a prompt file)
+        raise ValueError(f"base_kind {kind}: {', '.join(sorted(options))} apply to a text-to-image "
+                         "base only (dimoo); class ids need no prompt file")
     if kind == "tiny":
         from migm.models.tiny import TinyMIGM
         return TinyMIGM.from_assets(base, tokenizer)
