@@ -22,6 +22,15 @@ def _config(tmp_path, base="base.pt", **data) -> str:
     return str(path)
 
 
+def _load_test_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"ref_{name}", REPO_ROOT / f"tests/models/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _read(path):
     with h5py.File(path) as f:
         return {k: f[k][:] for k in f}
@@ -183,16 +192,6 @@ def test_collection_options_that_cannot_apply_are_refused(tmp_path):
 
 
 # --- issue 14.1 / 14.2: Lumina-DiMOO through configs/collect_dimoo.yaml, prompts as configuration ---
-def _dimoo_reference():
-    import importlib.util
-
-    path = REPO_ROOT / "tests/models/test_dimoo.py"
-    spec = importlib.util.spec_from_file_location("dimoo_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_collect_dimoo_config_records_prompt_conditions(tmp_path):
     """The shipped DiMOO collection config, only sizes and paths overridden, on a small random
     checkpoint in the released layout: condition j is line j of the prompt file, the number of
@@ -200,7 +199,7 @@ def test_collect_dimoo_config_records_prompt_conditions(tmp_path):
     transformer.config)."""
     import dataclasses
 
-    ref = _dimoo_reference()
+    ref = _load_test_module("test_dimoo")
     ckpt = tmp_path / "Lumina-DiMOO"
     ref.save_reference(ckpt)
     (tmp_path / "prompts.txt").write_text("a red cat\na big blue dog on the grass\n\na cat on the grass\n")
@@ -225,3 +224,43 @@ def test_collect_dimoo_config_records_prompt_conditions(tmp_path):
 
     with pytest.raises(ValueError, match=r"data.num_classes: 3 \(recorded\) != 2 \(this run\); files.prompts: "):
         main(["collect", "--config", str(tmp_path / "collect.yaml")])
+    with pytest.raises(ValueError, match=r"positions: sequence needs one sequence length for every condition"):
+        main(["collect", "--config", str(tmp_path / "collect.yaml"), "--model.init_args.positions", "sequence",
+              "--trainer.callbacks.init_args.overwrite", "true"])
+
+
+# --- positions: sequence, the whole input state the official shortcuts evolve (accel/sequence.py) --
+def test_positions_sequence_records_maskgit_class_slot_and_serves_it(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from migm.data.datamodule import TrajectoryDataModule
+    from migm.models.maskgit import MaskGITMIGM
+
+    ref = _load_test_module("test_maskgit")
+    tpath, vpath, _, _ = ref.save_reference(tmp_path)
+    cfg = yaml.safe_load((REPO_ROOT / "configs/collect_maskgit.yaml").read_text())
+    out = tmp_path / "traj"
+    cfg["trainer"].update(accelerator="cpu", enable_progress_bar=False, default_root_dir=str(out))
+    cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(out), batches_per_shard=2)
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ref.TINY).items()}
+    cfg["model"]["init_args"].update(base=str(tpath), tokenizer=str(vpath), steps=4, base_config=fields,
+                                     positions="sequence")
+    cfg["data"]["init_args"].update(num_trajectories=6, num_classes=ref.TINY.num_classes, batch_size=3)
+    (tmp_path / "collect.yaml").write_text(yaml.safe_dump(cfg))
+    main(["collect", "--config", str(tmp_path / "collect.yaml")])
+    shard = _read(out / "shard-000-00000.h5")
+    assert shard["features"].shape == (6, 4, 2, 17, 32)                   # L + 1: grid, class slot
+    model = MaskGITMIGM.from_checkpoints(tpath, vpath, ref.TINY)
+    cond = torch.from_numpy(shard["cond"]).long()
+    state = model.sequence_features(torch.full((6, 16), 16), cond)       # step 1: all masked
+    torch.testing.assert_close(torch.from_numpy(shard["features"][:, 0, 0]).float(), state,
+                               atol=2e-2, rtol=1e-2)
+    dm = TrajectoryDataModule([str(out)], val_fraction=0.2, batch_size=4)
+    dm.setup()
+    s = dm.train_set[0]
+    assert s["features"].shape == s["target"].shape == (17, 32) and s["tokens"].shape == (16,)
+    assert dm.schema.sequence_length == 17
+    with pytest.raises(ValueError, match=r"positions: sequence needs a base with sequence_features; tiny"):
+        main(["collect", "--config", _config(tmp_path / "traj"), "--model.init_args.positions", "sequence"])

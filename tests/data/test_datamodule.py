@@ -121,3 +121,13 @@ def test_a_trajectory_recorded_twice_is_an_error_never_in_both_splits(shard_dir,
     train = {tuple(k) for k in dm.train_set.keys.tolist()}
     val = {tuple(k) for k in dm.val_set.keys.tolist()}
     assert len(train) + len(val) == 8 and not train & val
+
+
+def test_test_conditions_follow_the_base_when_num_classes_is_null(shard_dir):
+    import types
+
+    dm = TrajectoryDataModule([str(shard_dir)], test_samples=7, test_batch_size=7, num_classes=None)
+    base = types.SimpleNamespace(num_classes=3)                # what a prompt-table base reports
+    dm.trainer = types.SimpleNamespace(lightning_module=types.SimpleNamespace(base=base))
+    cond, index = next(iter(dm.test_dataloader()))
+    assert cond.tolist() == [0, 1, 2, 0, 1, 2, 0] and index.tolist() == list(range(7))

@@ -175,8 +175,9 @@ class TrajectoryDataModule(L.LightningDataModule):
 
     def __init__(self, dirs: list[str], val_fraction: float = 0.1, batch_size: int = 256,
                  num_workers: int = 0, seed: int = 0, test_samples: int = 1000,
-                 test_batch_size: int = 250, num_classes: int = 10,
+                 test_batch_size: int = 250, num_classes: int | None = 10,
                  test_conditions: Literal["cycle", "shuffled"] = "cycle") -> None:
+        """num_classes: `test`'s C; None takes the base's (its classes, or its prompts)."""
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
@@ -213,9 +214,18 @@ class TrajectoryDataModule(L.LightningDataModule):
                                      seed=self.hparams.seed)
         return self._loader(self.train_set, sampler)
 
+    def num_conditions(self) -> int:
+        if self.hparams.num_classes is not None:
+            return self.hparams.num_classes
+        base = getattr(self.trainer.lightning_module, "base", None) if self.trainer else None
+        if base is None:
+            raise ValueError("data num_classes null takes the base model's count: it needs a module "
+                             "with a base (ShortcutModule)")
+        return base.num_classes
+
     def test_dataloader(self) -> DataLoader:
         from migm.data.collection import ConditionDataset
-        ds = ConditionDataset(self.hparams.test_samples, self.hparams.num_classes,
+        ds = ConditionDataset(self.hparams.test_samples, self.num_conditions(),
                               self.hparams.test_conditions, self.hparams.seed)
         return DataLoader(ds, batch_size=self.hparams.test_batch_size, shuffle=False)
 
