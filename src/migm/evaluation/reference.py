@@ -25,7 +25,9 @@ np.savez_compressed(path, mu=m1, sigma=s1); loading reads f['mu'], f['sigma']); 
 @01ff748 cleanfid/fid.py make_custom_stats (np.savez_compressed(outf, mu=mu, sigma=sigma); KID
 file: np.savez_compressed(outf, feats=np_feats)); toshas/torch-fidelity torch_fidelity/
 metric_fid.py fid_features_to_statistics ({'mu': ..., 'sigma': ...}) saved by utils.py
-cache_lookup_one_recompute_on_miss as `cached_name + '.pt'` with torch.save.
+cache_lookup_one_recompute_on_miss as `cached_name + '.pt'` with torch.save; openai/guided-diffusion
+evaluations/evaluator.py read_statistics (reference batches: obj['mu'], obj['sigma'], beside
+mu_s/sigma_s and the images).
 """
 
 from __future__ import annotations
@@ -202,20 +204,21 @@ def folder_batches(files: list[Path], batch_size: int = 50) -> Iterator[torch.Te
         yield torch.stack(batch)
 
 
-def folder_cache_name(feature_name: str, files: list[Path]) -> str:
+def folder_cache_name(feature_name: str, folder: Path, files: list[Path]) -> str:
     """A cache key that changes when any file of the reference set is added, removed or rewritten."""
     digest = hashlib.sha256()
     for p in files:
         st = p.stat()
         digest.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return f"{feature_name}_{files[0].parent.name}_{len(files)}_{digest.hexdigest()[:12]}.npz"
+    return f"{feature_name}_{Path(folder).resolve().name}_{len(files)}_{digest.hexdigest()[:12]}.npz"
 
 
 def folder_stats(feature, folder: str | Path, limit: int | None = None, cache_dir: Path | None = None,
                  device: torch.device | str | None = None, batch_size: int = 50) -> ReferenceStats:
     """Statistics of `feature` over a folder of images, cached under `cache_dir` as a .npz."""
     files = image_files(folder, limit)
-    cache = Path(cache_dir) / folder_cache_name(getattr(feature, "name", "features"), files) if cache_dir else None
+    name = folder_cache_name(getattr(feature, "name", "features"), Path(folder), files)
+    cache = Path(cache_dir) / name if cache_dir else None
     if cache is not None and cache.exists():
         return read_stats(cache)
     stats = stats_from_images(feature, folder_batches(files, batch_size), str(folder), device)
