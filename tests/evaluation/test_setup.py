@@ -45,7 +45,7 @@ def test_condition_texts_come_from_the_file_the_base_or_the_class_names(tmp_path
 
 def test_without_fid_or_text_metrics_only_the_count_is_reported():
     import torch
-    metrics = build_metrics(MetricsConfig(fid="none", classifier=None), SimpleNamespace(num_classes=3), "dimoo")
+    metrics = build_metrics({"fid": "none", "classifier": None}, SimpleNamespace(num_classes=3), "dimoo")  # YAML's dict
     metrics.add_fake(torch.zeros(2, 3, 16, 16), torch.tensor([0, 1]))
     assert metrics.compute() == {"num_samples": 2}
 

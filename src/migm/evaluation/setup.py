@@ -101,12 +101,13 @@ class MetricsConfig:
                              f"only and the {base_kind} base has none: set metrics.classifier: null")
 
 
-def build_metrics(config: MetricsConfig | None = None, model=None, base_kind: str = "tiny",
+def build_metrics(config: MetricsConfig | dict | None = None, model=None, base_kind: str = "tiny",
                   device: torch.device | str = "cpu") -> QualityMetrics:
-    """The evaluator `config` describes for `model` (conditions 0..model.num_classes - 1)."""
+    """The evaluator `config` describes for `model` (conditions 0..model.num_classes - 1); a dict
+    is the config's fields as YAML gives them (e.g. a module's saved hyperparameters)."""
     from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
 
-    config = config or MetricsConfig()
+    config = MetricsConfig(**config) if isinstance(config, dict) else (config or MetricsConfig())
     config.check_base(base_kind)
     classifier = load_classifier(config.classifier) if config.classifier else None
     feature, reference = None, None
