@@ -54,8 +54,8 @@ class EvaluationCallback(Callback):
         hparams = getattr(pl_module, "hparams", {})
         base = pl_module.base
         if self._metrics is None:
-            self._metrics = build_metrics(self.metrics or getattr(pl_module, "metrics", None), base,
-                                          hparams.get("base_kind", "tiny"), pl_module.device)
+            config = self.metrics or getattr(pl_module, "metrics", None) or hparams.get("metrics")
+            self._metrics = build_metrics(config, base, hparams.get("base_kind", "tiny"), pl_module.device)
         data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
         conditions = ConditionDataset(self.num_samples, base.num_classes,
                                       data.get("test_conditions", "cycle"), data.get("seed", 0))
