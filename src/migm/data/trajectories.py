@@ -27,7 +27,8 @@ Schema (version 2), one file holding T trajectories:
     mask_ratio  (N,) float32                      fraction masked in x_{i-1}
 
 x_i = where(decode_step <= i, tokens, mask_id); the tokens decoded at step i are at decode_step == i.
-Features are chunked one (trajectory, slot) per chunk, so a training read is two chunks.
+Features are chunked one (trajectory, slot, branch) per chunk: a training sample reads exactly
+two chunks, its f_i and f_{i+1} (DiMOO: 32 MiB each), nothing of the other branch.
 
 Integrity: every dataset carries HDF5's Fletcher-32 checksum per chunk (computed by the library
 at write, verified by it at every read), and features are checked finite at write and at read:
@@ -191,7 +192,7 @@ def write_shard(path: Path, schema: ShardSchema, features: np.ndarray, tokens: n
             for key, value in asdict(schema).items():
                 f.attrs[key] = value
             f.attrs["complete"] = False
-            f.create_dataset("features", data=features, chunks=(1, 1, branches, Lt, D),
+            f.create_dataset("features", data=features, chunks=(1, 1, 1, Lt, D),
                              compression=compression, fletcher32=True)
             for key, value in arrays.items():
                 f.create_dataset(key, data=value, fletcher32=True)
