@@ -49,10 +49,11 @@ class InceptionFeatures(nn.Module):
     """The TF-FID InceptionV3 (2048-d pool features) from a TorchScript file.
 
     Images are quantised to uint8 levels (what a saved PNG holds), gray ones replicated to 3
-    channels, bilinearly resized to 299x299 (downsampling 512 or 1024 px the way the TF-FID graph's
-    bilinear resize does, without antialiasing) and mapped to the TF input range [-1, 0.992]
-    (uint8 / 128 - 1), as the TF-FID reference implementation does. The feature dimension is read
-    from one forward pass, so reference statistics of another network are rejected by size.
+    channels, bilinearly resized to 299x299 (PyTorch's half-pixel bilinear without antialiasing,
+    as pytorch-fid's InceptionV3 resizes 512 or 1024 px inputs; TF1's legacy resize, which
+    torch-fidelity emulates, differs slightly) and mapped to the TF input range [-1, 0.992]
+    (uint8 / 128 - 1). The feature dimension is read from one forward pass, so reference
+    statistics of another network are rejected by size.
     """
 
     name = "fid_inception"
