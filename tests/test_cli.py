@@ -8,7 +8,21 @@ import yaml
 from migm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-FIT_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+FIT_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "networks")
+NETWORK_CONFIGS = sorted((REPO / "configs" / "networks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("network", NETWORK_CONFIGS, ids=lambda p: p.name)
+def test_every_network_config_overrides_its_base_models_config(network, capsys):
+    """configs/networks/<base>_<which>.yaml replaces the network of configs/<base>.yaml."""
+    base = REPO / "configs" / f"{network.stem.split('_')[0]}.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(base), "--model.init_args.network", str(network), "--print_config"])
+    assert exit_info.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["network"]
+    original = yaml.safe_load(network.read_text())
+    assert resolved["class_path"] == original["class_path"]
+    assert resolved["init_args"].items() >= original["init_args"].items()
 
 
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
@@ -83,8 +97,8 @@ def test_generate_rejects_bad_steps_and_classes(tmp_path):
 def test_evaluate_writes_results_and_grids(tmp_path):
     import json
     rows = main(["evaluate", "--steps", "[2, 6]", "--num_samples", "40", "--batch_size", "20",
-                 "--reference_samples", "1000", "--latency_batch", "8", "--latency_repeats", "1",
-                 "--cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path)])
+                 "--metrics.reference_samples", "1000", "--latency_batch", "8", "--latency_repeats", "1",
+                 "--metrics.cache_dir", str(tmp_path / "cache"), "--out_dir", str(tmp_path)])
     written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert written == rows and [r.get("steps") for r in rows] == [2, 6, None]
     rows, recon = rows[:-1], rows[-1]
@@ -112,12 +126,24 @@ def test_bench_reports_every_part_of_a_step(tmp_path):
 
 
 def test_default_configs_apply_only_without_config():
-    from migm.cli import COLLECT_CONFIG, DEFAULT_CONFIG, with_default_config
-    assert with_default_config(["fit"]) == ["fit", "--config", str(DEFAULT_CONFIG)]
+    from migm.cli import default_config, with_default_config
+    assert with_default_config(["fit"]) == ["fit", "--config", str(default_config("tiny.yaml"))]
     assert with_default_config(["collect", "--trainer.devices", "2"]) == \
-        ["predict", "--config", str(COLLECT_CONFIG), "--trainer.devices", "2"]
+        ["predict", "--config", str(default_config("collect_tiny.yaml")), "--trainer.devices", "2"]
     assert with_default_config(["fit", "--config", "x.yaml"]) == ["fit", "--config", "x.yaml"]
     assert with_default_config(["generate", "--steps", "4"]) == ["generate", "--steps", "4"]
+
+
+def test_default_configs_resolve_from_the_working_directory_first(tmp_path, monkeypatch):
+    """A non-editable install has no source tree beside it: the defaults come from ./configs."""
+    import migm.cli as cli
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("seed_everything: 1\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.default_config("tiny.yaml") == tmp_path / "configs" / "tiny.yaml"
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="configs/collect_tiny.yaml not found .* pass --config"):
+        cli.with_default_config(["collect"])
 
 
 @pytest.mark.parametrize("name,params", [("maskgit", 8.6e6), ("dimoo", 220e6)])

@@ -1,4 +1,4 @@
-from migm.cli import main
+from migm.cli import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,8 +1,12 @@
-"""`python -m migm`: LightningCLI for fit/validate/test/predict, jsonargparse for the rest.
+"""`migm` (or `python -m migm`): LightningCLI for fit/validate/test/predict, jsonargparse for the rest.
 
 Lightning's subcommands are Trainer methods, so the project's own verbs (`generate`, ...) are
 plain typed functions exposed through jsonargparse: both kinds take `--config FILE` and
 `--print_config`, and every experiment is a YAML file.
+
+A user's mistake (a missing or wrong file, a setting that cannot apply) ends the command-line
+program with one line, `error: <what and where>`, and exit status 1; MIGM_DEBUG=1 shows the
+traceback instead. Called as a function (`main(args)`, as the tests do) errors are raised.
 """
 
 from __future__ import annotations
@@ -16,9 +20,39 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
-COLLECT_CONFIG = REPO_ROOT / "configs" / "collect_tiny.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+VERBS = {
+    "fit": "train: the shortcut (configs/tiny.yaml by default), or a base, tokenizer or classifier config",
+    "validate": "score a shortcut checkpoint on held-out trajectories",
+    "test": "run the evaluation grid (methods x settings): quality, latency, speedup, Pareto plot",
+    "predict": "Lightning's predict loop (collection runs on it)",
+    "collect": "record base-model trajectories into HDF5 shards (configs/collect_tiny.yaml by default)",
+    "evaluate": "score vanilla generation at several step counts (no shortcut)",
+    "generate": "write a PNG grid of vanilla samples",
+    "bench": "per-call costs, end-to-end speedup and data rates, to a JSON file",
+    "export": "turn a training checkpoint into a small shipped asset",
+    "curves": "plot a shortcut run's per-step held-out error",
+}
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    rows = "\n".join(f"  {verb:<{width}}  {text}" for verb, text in VERBS.items())
+    return (f"usage: migm <command> [--config FILE] [options]   (or: python -m migm ...)\n\n"
+            f"Learned shortcuts for masked image generation models.\n\ncommands:\n{rows}\n\n"
+            "`migm <command> --help` lists a command's options; `--print_config` shows the resolved "
+            "config.\nErrors print one line; MIGM_DEBUG=1 shows the traceback.")
+
+
+def default_config(name: str) -> Path:
+    """configs/<name> in the working directory, else beside the source tree (an editable
+    install): so the defaults resolve in any install when run from a checkout."""
+    for root in (Path.cwd(), REPO_ROOT):
+        if (root / "configs" / name).is_file():
+            return root / "configs" / name
+    raise FileNotFoundError(f"configs/{name} not found in {Path.cwd()} (nor in {REPO_ROOT}): run "
+                            "migm from the repository root, or pass --config FILE")
 
 
 def _project_commands() -> dict:
@@ -36,15 +70,13 @@ def with_default_config(argv: list[str]) -> list[str]:
     """
     if not argv:
         return argv
-    default = DEFAULT_CONFIG
+    default = "tiny.yaml"
     if argv[0] == "collect":
-        argv, default = ["predict", *argv[1:]], COLLECT_CONFIG
+        argv, default = ["predict", *argv[1:]], "collect_tiny.yaml"
     has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-    if argv[0] not in LIGHTNING_SUBCOMMANDS or has_config or not default.exists():
+    if argv[0] not in LIGHTNING_SUBCOMMANDS or has_config or any(a in ("-h", "--help") for a in argv):
         return argv
-    if any(a in ("-h", "--help") for a in argv):
-        return argv
-    return [argv[0], "--config", str(default), *argv[1:]]
+    return [argv[0], "--config", str(default_config(default)), *argv[1:]]
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -63,10 +95,16 @@ class MigmCLI(LightningCLI):
         supplies weights and training state.
 
         Lightning's default replaces the config's model arguments with the hyperparameters saved in
-        the checkpoint, so `test --ckpt_path C --model.init_args.evaluation.budgets "[8]"` silently
-        ran the grid the model was trained with. A network that does not fit the checkpoint still
-        fails loudly, at load_state_dict.
+        the checkpoint, so `test --ckpt_path C --model.init_args.evaluation.reference_steps 8`
+        silently ran the grid the model was trained with. A network that does not fit the
+        checkpoint still fails loudly, at load_state_dict. What is checked here is that the file is
+        a Lightning checkpoint at all (not a shard, an empty file or a shipped asset), in one line.
         """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            from migm.training.checkpoint_read import load_lightning_checkpoint
+            load_lightning_checkpoint(ckpt_path)
 
 
 def default_wandb_mode() -> None:
@@ -89,24 +127,92 @@ def enable_method_classes() -> None:
     set_parsing_settings(subclasses_enabled=[Method, NetworkConfig])
 
 
-def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+def lightning_main(args: list[str] | None = None, run: bool = True, raise_errors: bool = False) -> LightningCLI:
+    """LightningCLI over any LightningModule/DataModule; `raise_errors`: a bad config raises
+    jsonargparse's ArgumentError instead of printing usage and exiting (the one-line mode)."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     enable_method_classes()
     default_wandb_mode()
+    parser_kwargs = {}
+    if raise_errors:
+        parser_kwargs = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in LIGHTNING_SUBCOMMANDS}}
     return MigmCLI(
         LightningModule, LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
         seed_everything_default=0, save_config_callback=LoggedConfig,
         save_config_kwargs={"overwrite": True, "save_to_log_dir": True},
-        args=args, run=run,
+        args=args, run=run, parser_kwargs=parser_kwargs,
     )
 
 
-def main(args: list[str] | None = None):
-    """Entry point; `args` lets tests call the CLI as a function (None reads sys.argv)."""
-    argv = with_default_config(list(sys.argv[1:] if args is None else args))
+def main(args: list[str] | None = None, raise_errors: bool = False):
+    """Run one command; `args` lets tests call the CLI as a function (None reads sys.argv)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    if argv[0] not in VERBS:
+        raise ValueError(f"unknown command {argv[0]!r}; commands: {', '.join(VERBS)} (migm --help)")
+    argv = with_default_config(argv)
     commands = _project_commands()
-    if argv and argv[0] in commands:
+    if argv[0] in commands:
         from jsonargparse import auto_cli
-        return auto_cli(commands, args=argv)
-    return lightning_main(argv)
+        return auto_cli(commands, args=argv, exit_on_error=not raise_errors)
+    return lightning_main(argv, raise_errors=raise_errors)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix: bad files, bad settings, a diverged run."""
+    from argparse import ArgumentError
+
+    from migm.data.trajectories import ShardError
+    from migm.models.assets import CheckpointError
+    return (CheckpointError, ShardError, ValueError, FileNotFoundError, FloatingPointError, KeyError,
+            ArgumentError)
+
+
+def cli() -> None:
+    """The command-line program: a user error is one line on stderr and exit status 1."""
+    try:
+        main(raise_errors=not os.environ.get("MIGM_DEBUG"))
+    except user_errors() as err:
+        if os.environ.get("MIGM_DEBUG"):
+            raise
+        discard_failed_wandb_run()
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {condense(message)}", file=sys.stderr)
+        sys.exit(1)
+
+
+_NOISE = ("Given value", "Subtypes:", "Errors:", "Problem with given class_path", "Expected a <class 'NoneType'>",
+          "Does not validate against any of the Union subtypes", "- Expected a")
+
+
+def condense(message: str) -> str:
+    """jsonargparse explains a bad nested value as a tree (the union tried, each subtype's
+    complaint, the whole value given); keep the key it names and the deepest real complaint."""
+    lines = [l for l in message.splitlines() if l.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    key = lines[0].strip().rstrip(":")
+    if key.startswith('Parser key "'):                          # 'Parser key "model"' -> 'model'
+        key = key[len('Parser key "'):].split('"')[0]
+    causes = [l for l in lines[1:] if not any(n in l for n in _NOISE)]
+    if not causes:
+        return key
+    deepest = max(causes, key=lambda l: len(l) - len(l.lstrip()))
+    return f"{key}: {deepest.strip().lstrip('- ').strip()}"
+
+
+def discard_failed_wandb_run() -> None:
+    """A run that failed before it logged a step leaves no W&B run behind (offline or not)."""
+    import shutil
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb else None
+    if run is None:
+        return
+    empty = not run.summary.keys() and getattr(run, "step", 0) == 0
+    run_dir = Path(run.dir).parent            # .../wandb/offline-run-<time>-<id>
+    wandb.finish(exit_code=1)
+    if empty and run_dir.name.startswith(("offline-run-", "run-")):
+        shutil.rmtree(run_dir, ignore_errors=True)

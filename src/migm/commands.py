@@ -29,10 +29,9 @@ def export(kind: Literal["tokenizer", "base", "classifier", "shortcut"], checkpo
         out: destination; defaults to src/migm/assets/<kind>.pt.
         trained_with: the command that produced `checkpoint`, recorded in the manifest.
     """
+    from migm.training.checkpoint_read import load_lightning_checkpoint
     checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = load_lightning_checkpoint(checkpoint)
     prefix = _EXPORT_PREFIX[kind]
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
