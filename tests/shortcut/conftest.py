@@ -42,7 +42,7 @@ def shortcut_config(tmp_path, shards, *, wandb: bool = False, **trainer) -> str:
     m["evaluation"].update(methods=[{"class_path": "migm.accel.method.Vanilla", "init_args": {"steps": [2, 4]}},
                                     shortcut], reference_steps=4,
                            latency_batch=8, latency_repeats=1, keep_images=10)
-    m["reference_samples"] = 500
+    m["metrics"]["reference_samples"] = 500
     cfg["data"]["init_args"].update(dirs=[str(shards)], batch_size=32, val_fraction=0.2,
                                     test_samples=40, test_batch_size=20)
     path = tmp_path / "shortcut.yaml"

@@ -113,7 +113,8 @@ def test_evaluation_callback_scores_a_small_grid_during_fit(recorded, tmp_path, 
     cfg = yaml.safe_load(Path(cfg_path).read_text())
     cfg["trainer"]["callbacks"].append({
         "class_path": "migm.evaluation.callback.EvaluationCallback",
-        "init_args": {"every_n_epochs": 1, "num_samples": 20, "batch_size": 10, "reference_samples": 500,
+        "init_args": {"every_n_epochs": 1, "num_samples": 20, "batch_size": 10,
+                      "metrics": {"reference_samples": 500},
                       "grid": {"methods": [
                           {"class_path": "migm.accel.method.Vanilla", "init_args": {"steps": [4]}},
                           {"class_path": "migm.accel.shortcut.Shortcut", "init_args": {"steps": [4], "budgets": [2]}}],

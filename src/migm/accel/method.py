@@ -48,9 +48,12 @@ class GridPoint:
 
 @dataclass
 class Method:
-    """Base of every method. `steps`: the N values to run (each a separate point)."""
+    """Base of every method. `steps`: the N values to run (each a separate point); `tag`: a
+    word appended to every label, so two entries of one method that differ in a fixed field
+    (say, two temperatures) stay apart in the table."""
 
     steps: list[int] = field(default_factory=lambda: [32])
+    tag: str = ""
 
     name: ClassVar[str] = "method"
     needs_shortcut: ClassVar[bool] = False      # True: `test` must supply trained shortcut weights
@@ -76,8 +79,8 @@ class Method:
         out = []
         for values in self.settings():
             steps = values.pop("steps")
-            out.append(GridPoint(self.name, steps, self.label(steps=steps, **values),
-                                 tuple(values.items()), self))
+            label = self.label(steps=steps, **values) + (f" {self.tag}" if self.tag else "")
+            out.append(GridPoint(self.name, steps, label, tuple(values.items()), self))
         return out
 
     # --- what each method says -----------------------------------------------------------------

@@ -21,19 +21,24 @@ from migm.shortcut.network import ShortcutNetwork, time_input
 
 
 class ShortcutSource(PlannedSource):
-    def __init__(self, model, shortcut: ShortcutNetwork, plan: RefreshPlan, temperature: float = 1.0) -> None:
+    """`step_scale` s takes f_{i-1} + s (S(f_{i-1}, ...) - f_{i-1}): 1 is the shortcut, 0 is
+    feature reuse; in between shrinks the learned change towards "features do not move"."""
+
+    def __init__(self, model, shortcut: ShortcutNetwork, plan: RefreshPlan, temperature: float = 1.0,
+                 step_scale: float = 1.0) -> None:
         if shortcut.config.feature_dim != model.feature_dim:
             raise ValueError(f"shortcut feature_dim {shortcut.config.feature_dim} != base model "
                              f"feature_dim {model.feature_dim}")
         super().__init__(model, plan, temperature)
-        self.shortcut = shortcut
+        self.shortcut, self.step_scale = shortcut, step_scale
 
     def between(self, ctx: StepContext) -> torch.Tensor:
         # the grid the previous features describe is x_{i-2}; the shortcut steps it to x_{i-1}
         rows, device = len(ctx.tokens), ctx.tokens.device
         time = time_input(self.shortcut, torch.full((rows,), ctx.t, device=device),
                           torch.full((rows,), ctx.mask_ratio, device=device))
-        return self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time)
+        out = self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time)
+        return out if self.step_scale == 1.0 else torch.lerp(ctx.prev_features, out, self.step_scale)
 
     def counts(self) -> dict[str, int]:
         return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}
@@ -42,14 +47,27 @@ class ShortcutSource(PlannedSource):
 @dataclass
 class Shortcut(PlannedMethod):
     """The learned shortcut between the plan's base steps (MIGM-Shortcut). Fields: see
-    PlannedMethod; the shortcut network comes from `test`'s weights (--ckpt_path or the shipped
-    asset), not from this config."""
+    PlannedMethod, plus `step_scale` (1: the shortcut's change as predicted; 0: feature reuse;
+    between: the change shrunk, grid-feature networks only). The network comes from `test`'s
+    weights (--ckpt_path or --model.init_args.test_weights), not from this config."""
+
+    step_scale: float = 1.0
 
     name: ClassVar[str] = "shortcut"
     needs_shortcut: ClassVar[bool] = True
+
+    def check(self, steps: int, budgets: int, **knobs) -> None:
+        super().check(steps, budgets, **knobs)
+        if not 0 <= self.step_scale <= 2:
+            raise ValueError(f"Shortcut.step_scale: must lie in [0, 2] (1 = as predicted), got {self.step_scale}")
 
     def source(self, model, shortcut, steps: int, budgets: int, **knobs):
         if shortcut is None:
             raise ValueError(f"shortcut N{steps}/B{budgets}: needs shortcut weights (--ckpt_path)")
         from migm.accel.sequence import shortcut_source
-        return shortcut_source(model, shortcut, self.refresh_plan(steps, budgets), self.temperature)
+        source = shortcut_source(model, shortcut, self.refresh_plan(steps, budgets), self.temperature)
+        if self.step_scale != 1.0:
+            if not isinstance(source, ShortcutSource):
+                raise ValueError("Shortcut.step_scale: only grid-feature shortcuts can be shrunk")
+            source.step_scale = self.step_scale
+        return source

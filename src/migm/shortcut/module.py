@@ -45,11 +45,13 @@ def shipped_weights(name_or_path: str | Path, config: ShortcutConfig) -> dict[st
 
 class ShortcutModule(L.LightningModule):
     def __init__(self, network: NetworkConfig | None = None, base_kind: BaseKind = "tiny",
-                 base: str = "base.pt", tokenizer: str = "tokenizer.pt", base_config: dict | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
+                 base: str = "base.pt", tokenizer: str = "tokenizer.pt", base_config: dict | None = None,
+                 prompts: str | None = None, lr: float = 1e-3, weight_decay: float = 0.0,
                  warmup_steps: int = 100, ema_decay: float = 0.995,
-                 loss_on: Literal["all", "masked"] = "masked", init_embeddings: bool = True,
+                 loss_on: Literal["all", "masked"] = "masked", kl_weight: float = 0.0,
+                 init_embeddings: bool = True,
                  evaluation: GridConfig | None = None,
-                 metrics: MetricsConfig | None = None, test_weights: str | None = None,
+                 metrics: MetricsConfig | None = None, test_weights: str | None = "shortcut.pt",
                  out_dir: str | None = None) -> None:
         """
         Args:
@@ -60,20 +62,25 @@ class ShortcutModule(L.LightningModule):
             base: base model weights (asset name or path); frozen, never trained here.
             tokenizer: tokenizer weights, for decoding images in `test`.
             base_config: the base adapter's config fields, where they differ from the released model.
+            prompts: a text-to-image base's prompt file (plain text or JSONL, data/prompts.py):
+                condition j is prompt j, for the fit-time evaluation and `test`.
             lr: AdamW peak learning rate (linear warm-up, cosine decay over the planned steps).
             weight_decay: AdamW weight decay on matrices.
             warmup_steps: warm-up length in optimizer steps.
             ema_decay: decay of the weight average used by validation, test and export.
             loss_on: positions the MSE covers: all, or those still masked after the step (the
                 only ones whose logits are sampled again).
+            kl_weight: adds kl_weight x KL(base head on f_{i+1} || base head on f_hat) at the
+                positions still masked after the step (paper App. B): MSE alone predicts the mean
+                of the next features, whose logits are sharper than the base's.
             init_embeddings: start the shortcut's token/position tables from the base model's.
             evaluation: the grid `test` runs (and its sampler settings).
             metrics: what `test` measures against (evaluation/setup.py MetricsConfig): FID
                 feature space and reference, class accuracy, CLIPScore, ImageReward; the
                 default is the embedded default's, and a real base must say its own.
-            test_weights: shortcut weights `test` evaluates when no --ckpt_path is given
-                (default: the shipped shortcut.pt for the embedded default; a real base has no
-                default and needs one of the two).
+            test_weights: shortcut weights `test` evaluates when no --ckpt_path is given (null:
+                the module's own). The shipped shortcut.pt is the embedded default's: a real
+                base needs --ckpt_path or its own weights here.
             out_dir: where `test` writes results.jsonl, plots and grids (default: <root>/eval).
         """
         super().__init__()
@@ -81,14 +88,16 @@ class ShortcutModule(L.LightningModule):
         self.network = (network or ShortcutConfig()).build()
         self.ema = copy.deepcopy(self.network).eval().requires_grad_(False)
         self.evaluation = evaluation or GridConfig()
+        self.metrics = metrics or MetricsConfig()
         self._base = None            # loaded on first use: building the module reads no file
 
     # --- the frozen base model ------------------------------------------------------------------
     @property
     def base(self):
         if self._base is None:
+            options = {"prompts": self.hparams.prompts} if self.hparams.prompts else {}
             base = load_base(self.hparams.base_kind, self.hparams.base, self.hparams.tokenizer,
-                             self.hparams.base_config)
+                             self.hparams.base_config, **options)
             # set past nn.Module's __setattr__: not a submodule, so it stays out of checkpoints
             object.__setattr__(self, "_base", base.requires_grad_(False).eval())
         if next(self._base.parameters()).device != self.device:     # follows the module to a GPU
@@ -123,6 +132,14 @@ class ShortcutModule(L.LightningModule):
         sq = F.mse_loss(pred, batch["target"], reduction="none") * scope
         return sq.sum() / (scope.sum() * pred.shape[-1]).clamp_min(1)
 
+    def _kl(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        """Mean KL(p_base(f_{i+1}) || p_base(f_hat)) over the positions still masked after step i."""
+        masked = (batch["tokens"] == self.base.mask_id).float()                      # (B, L)
+        target = F.log_softmax(self.base.head(batch["target"]).float(), -1)          # (B, L, K)
+        pred = F.log_softmax(self.base.head(pred).float(), -1)
+        kl = (target.exp() * (target - pred)).sum(-1)                                 # (B, L)
+        return (kl * masked).sum() / masked.sum().clamp_min(1)
+
     def _predict(self, net: torch.nn.Module, batch) -> torch.Tensor:
         """f_hat of x_i over the grid (B, L, D); a network over a longer sequence (the grid first,
         e.g. MaskGIT's class slot last) is scored on its grid rows."""
@@ -141,6 +158,10 @@ class ShortcutModule(L.LightningModule):
         pred = self._predict(self.network, batch)
         batch = self._on_grid(batch)
         loss = self._loss(pred, batch)
+        if self.hparams.kl_weight:
+            kl = self._kl(pred, batch)
+            self.log("train/kl", kl)
+            loss = loss + self.hparams.kl_weight * kl
         # Stop before a non-finite loss reaches the weights (they and the EMA would all turn NaN and
         # be checkpointed); decided over all ranks at once, so no DDP rank waits on the others.
         bad = not bool(torch.isfinite(loss))
@@ -172,6 +193,7 @@ class ShortcutModule(L.LightningModule):
         pred = self._predict(self.ema, batch)
         batch = self._on_grid(batch)
         loss = self._loss(pred, batch)
+        self.log("val/kl", self._kl(pred, batch), sync_dist=True)
         d = step_diagnostics(pred, batch["target"], batch["features"], self._scope(batch),
                              *self._logits(pred, batch), batch["tokens"] == self.base.mask_id)
         self._val.update({"mse": torch.full_like(d["rel_err"], float(loss)), **d}, batch["step"])
@@ -191,16 +213,17 @@ class ShortcutModule(L.LightningModule):
         kind = self.hparams.base_kind
         needs = any(m.needs_shortcut for m in self.evaluation.methods)
         if self.trainer.ckpt_path is None and needs:
-            weights = self.hparams.test_weights or ("shortcut.pt" if kind == "tiny" else None)
-            if weights is None:
+            weights = self.hparams.test_weights
+            if kind != "tiny" and weights in (None, "shortcut.pt"):
                 from migm.models.assets import CheckpointError
                 raise CheckpointError(f"test on the {kind} base needs trained shortcut weights: pass "
                                       "--ckpt_path (a fit checkpoint) or --model.init_args.test_weights "
                                       "(exported or released weights); shortcut.pt is the embedded default's")
-            self.ema.load_state_dict(self.network.config.load_weights(weights, self.base))
-            print(f"no --ckpt_path given: evaluating {weights}")
+            if weights:
+                self.ema.load_state_dict(self.network.config.load_weights(weights, self.base))
+                print(f"no --ckpt_path given: evaluating {weights}")
         from migm.evaluation.setup import build_metrics
-        metrics = build_metrics(self.hparams.metrics, self.base, kind, self.device)
+        metrics = build_metrics(self.metrics, self.base, kind, self.device)
         grid = EvaluationGrid(self.base, self.ema, metrics, self.evaluation).to(self.device)
         object.__setattr__(self, "grid", grid)        # holds the base: kept out of state_dict
 
