@@ -5,23 +5,24 @@ config.json (LLaDA fields; the tiny token layout added), model.safetensors.index
 shards with LLaDAModelLM's key names, a text tokenizer saved by transformers, and vqvae/ (a
 diffusers VQModel folder, encoder included). The expected numbers come from the functional
 re-implementations below, written from model/modeling_llada.py, inference/inference_t2i.py and
-diffusers' VQModel decoder, not from the adapter's modules. The grid is 3 x 4 so that rows and
-columns cannot be swapped unnoticed.
+diffusers' VQModel decoder, not from the adapter's modules (the adapter decodes with diffusers'
+VQModel itself, so the plain decoder here is what pins its arithmetic). The grid is 3 x 4 so that
+rows and columns cannot be swapped unnoticed.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from migm.models.amused_vq import VQConfig, VQDecoder
 from migm.models.assets import CheckpointError
-from migm.models.dimoo import DiMOOConfig, DiMOOMIGM, LLaDA
+from migm.models.dimoo import DiMOOConfig, DiMOOMIGM, LLaDA, load_vq_decoder
 from migm.models.registry import load_base
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig
@@ -31,8 +32,27 @@ TINY = DiMOOConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_s
                    rope_theta=10000.0, vocab_size=64, mask_token_id=40, newline_token_id=41,
                    boi_token_id=42, eoi_token_id=43, boa_token_id=44, eoa_token_id=45,
                    image_token_offset=48, codebook_size=16, grid_height=3, grid_width=4)
-TINY_VQ = VQConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-                   num_vq_embeddings=16, norm_num_groups=4, mid_block_add_attention=True)
+
+
+def vq_config(block_out_channels: tuple[int, ...], **changes) -> dict:
+    """A vqvae/config.json (diffusers VQModel fields); defaults: aMUSEd's VQ-GAN as diffusers'
+    scripts/convert_amused.py make_vqvae builds it (16x down, 64 latent channels, 8192 codes)."""
+    n = len(block_out_channels)
+    return {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": list(block_out_channels),
+            "layers_per_block": 2, "act_fn": "silu", "latent_channels": 64, "sample_size": 32,
+            "num_vq_embeddings": 8192, "norm_num_groups": 32, "vq_embed_dim": None,
+            "scaling_factor": 0.18215, "norm_type": "group", "mid_block_add_attention": False,
+            "lookup_from_codebook": True, "force_upcast": False} | changes
+
+
+AMUSED_VQ = vq_config((128, 256, 256, 512, 768))
+# toy sizes with the mid-block attention on (aMUSEd turns it off), so that its arithmetic is pinned
+TINY_VQ = vq_config((8, 16), layers_per_block=1, latent_channels=4, num_vq_embeddings=16,
+                    norm_num_groups=4, mid_block_add_attention=True)
+# aMUSEd's shape at toy widths: five levels (16x), two layers per block, no mid-block attention
+AMUSED_SHAPED_VQ = vq_config((8, 16, 16, 32, 48), latent_channels=8, num_vq_embeddings=16,
+                             norm_num_groups=4)
 PROMPTS = ["a red cat", "a big blue dog on the grass"]           # different lengths
 WORDS = ["Generate", "an", "image", "according", "to", "the", "text", "prompt", ".", "a", "red", "cat",
          "big", "blue", "dog", "on", "grass"]
@@ -53,9 +73,11 @@ def llada_shapes(c: DiMOOConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def vq_shapes(c: VQConfig) -> dict[str, tuple[int, ...]]:
-    """diffusers VQModel decoding keys (Decoder + post_quant_conv + quantize)."""
-    s = {"quantize.embedding.weight": (c.num_vq_embeddings, c.embed_dim)}
+def vq_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """diffusers VQModel decoding keys (Decoder + post_quant_conv + quantize), written out by hand
+    so that a renamed or reshaped key in diffusers fails test_vq_layout_is_diffusers_vqmodel."""
+    embed, latent = c["vq_embed_dim"] or c["latent_channels"], c["latent_channels"]
+    s = {"quantize.embedding.weight": (c["num_vq_embeddings"], embed)}
 
     def conv(n, cin, cout, k):
         s.update({f"{n}.weight": (cout, cin, k, k), f"{n}.bias": (cout,)})
@@ -69,24 +91,34 @@ def vq_shapes(c: VQConfig) -> dict[str, tuple[int, ...]]:
         if cin != cout:
             conv(f"{n}.conv_shortcut", cin, cout, 1)
 
-    conv("post_quant_conv", c.embed_dim, c.latent_channels, 1)
-    rev = list(reversed(c.block_out_channels))
-    conv("decoder.conv_in", c.latent_channels, rev[0], 3)
+    conv("post_quant_conv", embed, latent, 1)
+    rev = list(reversed(c["block_out_channels"]))
+    conv("decoder.conv_in", latent, rev[0], 3)
     resnet("decoder.mid_block.resnets.0", rev[0], rev[0])
-    vec("decoder.mid_block.attentions.0.group_norm", rev[0])
-    for part in ("to_q", "to_k", "to_v", "to_out.0"):
-        s.update({f"decoder.mid_block.attentions.0.{part}.weight": (rev[0], rev[0]),
-                  f"decoder.mid_block.attentions.0.{part}.bias": (rev[0],)})
+    if c["mid_block_add_attention"]:
+        vec("decoder.mid_block.attentions.0.group_norm", rev[0])
+        for part in ("to_q", "to_k", "to_v", "to_out.0"):
+            s.update({f"decoder.mid_block.attentions.0.{part}.weight": (rev[0], rev[0]),
+                      f"decoder.mid_block.attentions.0.{part}.bias": (rev[0],)})
     resnet("decoder.mid_block.resnets.1", rev[0], rev[0])
     prev = rev[0]
     for i, ch in enumerate(rev):
-        for j in range(c.layers_per_block + 1):
+        for j in range(c["layers_per_block"] + 1):
             resnet(f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else ch, ch)
         if i < len(rev) - 1:
             conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", ch, ch, 3)
         prev = ch
     vec("decoder.conv_norm_out", rev[-1]), conv("decoder.conv_out", rev[-1], 3, 3)
     return s
+
+
+def released_vq_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    """Every key of the released vqvae/ file (encoder, quant_conv and decoding half): diffusers'
+    VQModel state_dict, built on the meta device."""
+    from diffusers import VQModel
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in VQModel(**c).state_dict().items()}
 
 
 def random_weights(shapes: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -112,7 +144,7 @@ def save_tokenizer(path):
 
 
 def save_reference(path, c=TINY, vc=TINY_VQ, seed=0, edit=lambda t, v: None, raw_edit=lambda r: None):
-    t, v = random_weights(llada_shapes(c), seed), random_weights(vq_shapes(vc), seed + 1)
+    t, v = random_weights(llada_shapes(c), seed), random_weights(released_vq_shapes(vc), seed + 1)
     edit(t, v)
     path.mkdir(parents=True, exist_ok=True)
     raw = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "block_type": "llama",
@@ -129,11 +161,8 @@ def save_reference(path, c=TINY, vc=TINY_VQ, seed=0, edit=lambda t, v: None, raw
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     (path / "vqvae").mkdir(exist_ok=True)
     (path / "vqvae" / "config.json").write_text(json.dumps(
-        {"_class_name": "VQModel", "down_block_types": ["DownEncoderBlock2D"] * 2, "in_channels": 3,
-         "up_block_types": ["UpDecoderBlock2D"] * 2, "sample_size": 32, "scaling_factor": 0.18215}
-        | {k: (list(x) if isinstance(x, tuple) else x) for k, x in asdict(vc).items()}))
-    junk = {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3), "quant_conv.weight": torch.zeros(4, 4, 1, 1)}
-    save_file(v | junk, path / "vqvae" / "diffusion_pytorch_model.safetensors")
+        {"_class_name": "VQModel", "_diffusers_version": "0.39.0"} | vc))
+    save_file(v, path / "vqvae" / "diffusion_pytorch_model.safetensors")
     save_tokenizer(path)
     return t, v
 
@@ -193,13 +222,15 @@ def reference_sequences(tokenizer, grid: torch.Tensor, prompt: str | None, c=TIN
     return x, where
 
 
-def reference_decode(sd, ids, c=TINY_VQ, grid=(3, 4)):
-    """VQModel.decode(ids, force_not_quantize=True, shape=...) with lookup_from_codebook, clip(0, 1)."""
+def reference_decode(sd, ids, c=TINY_VQ, grid=(3, 4), clip=True):
+    """VQModel.decode(ids, force_not_quantize=True, shape=...) with lookup_from_codebook, then
+    .sample.clip(0, 1) as utils/image_utils.py decode_vq_to_image does (clip=False: before it)."""
+    groups, embed = c["norm_num_groups"], c["vq_embed_dim"] or c["latent_channels"]
     def conv(x, n, pad):
         return F.conv2d(x, sd[n + ".weight"], sd[n + ".bias"], padding=pad)
 
     def gn(x, n):
-        return F.group_norm(x, c.norm_num_groups, sd[n + ".weight"], sd[n + ".bias"], 1e-6)
+        return F.group_norm(x, groups, sd[n + ".weight"], sd[n + ".bias"], 1e-6)
 
     def resnet(x, n):
         h = conv(F.silu(gn(conv(F.silu(gn(x, n + ".norm1")), n + ".conv1", 1), n + ".norm2")), n + ".conv2", 1)
@@ -213,16 +244,19 @@ def reference_decode(sd, ids, c=TINY_VQ, grid=(3, 4)):
         a = F.linear(a, sd[n + ".to_out.0.weight"], sd[n + ".to_out.0.bias"])
         return a.transpose(1, 2).reshape(b, ch, hh, ww) + x
 
-    z = sd["quantize.embedding.weight"][ids].view(-1, *grid, c.embed_dim).permute(0, 3, 1, 2)
+    z = sd["quantize.embedding.weight"][ids].view(-1, *grid, embed).permute(0, 3, 1, 2)
     h = conv(conv(z, "post_quant_conv", 0), "decoder.conv_in", 1)
     h = resnet(h, "decoder.mid_block.resnets.0")
-    h = resnet(attention(h, "decoder.mid_block.attentions.0"), "decoder.mid_block.resnets.1")
-    for i in range(len(c.block_out_channels)):
-        for j in range(c.layers_per_block + 1):
+    if c["mid_block_add_attention"]:
+        h = attention(h, "decoder.mid_block.attentions.0")
+    h = resnet(h, "decoder.mid_block.resnets.1")
+    for i in range(len(c["block_out_channels"])):
+        for j in range(c["layers_per_block"] + 1):
             h = resnet(h, f"decoder.up_blocks.{i}.resnets.{j}")
         if f"decoder.up_blocks.{i}.upsamplers.0.conv.weight" in sd:
             h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), f"decoder.up_blocks.{i}.upsamplers.0.conv", 1)
-    return conv(F.silu(gn(h, "decoder.conv_norm_out")), "decoder.conv_out", 1).clip(0, 1)
+    out = conv(F.silu(gn(h, "decoder.conv_norm_out")), "decoder.conv_out", 1)
+    return out.clip(0, 1) if clip else out
 
 
 @pytest.fixture(scope="module")
@@ -283,12 +317,54 @@ def test_head_at_gathered_positions_is_the_full_grid_logits(reference):
     torch.testing.assert_close(part, full.gather(1, pos[..., None].expand(-1, -1, 16)))
 
 
-def test_decode_is_the_reference_vq_decoder(reference):
-    model, _, v, _, _ = reference
+@pytest.mark.parametrize("vc", [TINY_VQ, AMUSED_SHAPED_VQ], ids=["mid-attention", "amused-shaped"])
+def test_decode_is_the_reference_vq_decoder(tmp_path, vc):
+    """The adapter's decode (diffusers' VQModel) against the plain decoder above, clip included:
+    with these weights much of the raw output lies outside [0, 1], so a missing clip shows."""
+    _, v = save_reference(tmp_path / "ckpt", vc=vc)
+    model = load_base("dimoo", tmp_path / "ckpt", "", prompts=PROMPTS, dtype=torch.float32)
     ids = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(model.decode(ids), reference_decode(v, ids) * 2 - 1, atol=1e-5, rtol=1e-4)
+    raw = reference_decode(v, ids, vc, clip=False)
+    assert ((raw < 0) | (raw > 1)).float().mean() > 0.3
+    images = model.decode(ids)
+    scale = 2 ** (len(vc["block_out_channels"]) - 1)
+    assert images.shape == (2, 3, 3 * scale, 4 * scale)
+    torch.testing.assert_close(images, raw.clip(0, 1) * 2 - 1, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 16\)"):
         model.decode(torch.full((1, 12), 16))
+
+
+@pytest.mark.parametrize("vc", [TINY_VQ, AMUSED_SHAPED_VQ, AMUSED_VQ], ids=["tiny", "amused-shaped", "amused"])
+def test_vq_layout_is_diffusers_vqmodel(vc):
+    """The decoding keys the plain decoder reads are exactly diffusers' VQModel's; the rest of
+    the file is the encoder side (encoder., quant_conv.), which decoding never touches."""
+    full = released_vq_shapes(vc)
+    decoding = {k: s for k, s in full.items() if k.startswith(("quantize.", "post_quant_conv.", "decoder."))}
+    assert decoding == vq_shapes(vc)
+    assert all(k.startswith(("encoder.", "quant_conv.")) for k in full.keys() - decoding.keys())
+
+
+def test_vq_folder_is_checked_before_diffusers_loads_it(tmp_path):
+    """diffusers would fill a missing weight with random numbers and only log it."""
+    save_reference(tmp_path / "a", edit=lambda t, v: v.pop("decoder.conv_out.bias"))
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: does not fit the VQ "
+                                              r"tokenizer .*missing keys \['decoder\.conv_out\.bias'\]"):
+        load_vq_decoder(tmp_path / "a" / "vqvae")
+    save_reference(tmp_path / "b", edit=lambda t, v: v.update({"decoder.extra.weight": torch.zeros(2)}))
+    with pytest.warns(UserWarning, match=r"1 keys that diffusers' VQModel does not have are ignored: "
+                                         r"\['decoder\.extra\.weight'\]"):
+        vq = load_vq_decoder(tmp_path / "b" / "vqvae")
+    assert vq.quantize.embedding.weight.dtype == torch.float32 and not vq.training
+    save_reference(tmp_path / "c", vc=TINY_VQ | {"lookup_from_codebook": False})
+    with pytest.raises(CheckpointError, match=r"vqvae/config\.json: lookup_from_codebook is false"):
+        load_vq_decoder(tmp_path / "c" / "vqvae")
+
+
+def test_without_diffusers_the_vq_says_what_to_install(tmp_path, monkeypatch):
+    save_reference(tmp_path)
+    monkeypatch.setitem(sys.modules, "diffusers", None)            # `import diffusers` fails
+    with pytest.raises(ImportError, match=r"diffusers is missing: pip install 'diffusers>=0\.39,<0\.40'"):
+        load_vq_decoder(tmp_path / "vqvae")
 
 
 def test_conditions(reference):
@@ -360,17 +436,20 @@ def test_mismatched_checkpoints_name_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match=r"unsupported LLaDA options \{'block_type': 'sequential'\}"):
         load_base("dimoo", tmp_path / "c", "", prompts=PROMPTS)
 
-    save_reference(tmp_path / "d", vc=replace(TINY_VQ, num_vq_embeddings=8))
+    save_reference(tmp_path / "d", vc=TINY_VQ | {"num_vq_embeddings": 8})
     with pytest.raises(CheckpointError, match=r"VQ tokenizer has 8 codes.*K = 16"):
         load_base("dimoo", tmp_path / "d", "", prompts=PROMPTS)
 
 
 def test_released_config_matches_the_reference_sizes():
     """LLaDA-8B with the 8,192 image codes appended; 64x64 tokens decode to 1024x1024 (aMUSEd VQ)."""
+    from diffusers import VQModel
+
     c = DiMOOConfig()
     with torch.device("meta"):
-        llm, vq = LLaDA(c), VQDecoder(VQConfig())
-        images = vq(torch.zeros(1, c.num_tokens, dtype=torch.long), (64, 64))
+        llm, vq = LLaDA(c), VQModel(**AMUSED_VQ)
+        ids = torch.zeros(1, c.grid_height, c.grid_width, dtype=torch.long)
+        images = vq.decode(ids, force_not_quantize=True, shape=(*ids.shape, 64)).sample
     n = sum(p.numel() for p in llm.parameters())
     assert 8.0e9 < n < 8.2e9, n
     assert (c.d_model, c.num_tokens, c.image_token_offset + c.codebook_size) == (4096, 4096, c.vocab_size)

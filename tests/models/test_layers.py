@@ -12,7 +12,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from migm.models.amused_vq import VQConfig, VQDecoder
 from migm.models.dimoo import DiMOOConfig, DiMOOMIGM, LLaDA
 from migm.models.layers import attend, full_layer, gather_rows, layered_features, put_rows
 from migm.models.maskgit import MaskGITConfig, MaskGITMIGM, MaskGITTransformer, VQGANDecoder
@@ -24,8 +23,9 @@ DIMOO = DiMOOConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_
                     rope_theta=10000.0, vocab_size=64, mask_token_id=40, newline_token_id=41,
                     boi_token_id=42, eoi_token_id=43, boa_token_id=44, eoa_token_id=45,
                     image_token_offset=48, codebook_size=16, grid_height=3, grid_width=4)
-DIMOO_VQ = VQConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
-                    num_vq_embeddings=16, norm_num_groups=4, mid_block_add_attention=True)
+DIMOO_VQ = dict(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, num_vq_embeddings=16,
+                norm_num_groups=4, mid_block_add_attention=True, lookup_from_codebook=True)  # VQModel
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
@@ -48,7 +48,9 @@ def small_dimoo(seed: int = 0) -> DiMOOMIGM:
     llm = LLaDA(DIMOO)
     randomise(llm, seed)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13]]       # 2 prompts + unconditional
-    return DiMOOMIGM(llm.eval(), VQDecoder(DIMOO_VQ).eval(), prompts)
+    from diffusers import VQModel
+
+    return DiMOOMIGM(llm.eval(), VQModel(**DIMOO_VQ).eval(), prompts)
 
 
 def random_grid(model, B: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

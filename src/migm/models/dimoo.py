@@ -2,8 +2,10 @@
 
 The accelerators need the last hidden state at the image positions and the image-code rows of the
 output layer, and the released 8B checkpoint has to load unchanged without its remote code, so
-the LLaDA transformer is re-written here with the reference's parameter names; the aMUSEd VQ
-decoder lives in amused_vq.py. Inference only: no KV/ML-cache, no text generation.
+the LLaDA transformer is re-written here with the reference's parameter names. The aMUSEd VQ
+tokenizer is diffusers' own VQModel, loaded as the reference loads it (a re-write of its decoder
+matched it to ~2e-5 on random weights, so the maintained one is used). Inference only: no
+KV/ML-cache, no text generation.
 
 Reference facts this relies on (Alpha-VLLM/Lumina-DiMOO at 81344e6: model/modeling_llada.py,
 model/modeling_xllmx_dimoo.py, config.py, inference/inference_t2i.py, utils/prompt_utils.py,
@@ -23,7 +25,10 @@ utils/image_utils.py, generators/image_generation_generator.py):
   "<user>" + prompt + "</user>") + [BOA, BOI] + H rows of (W tokens, NEWLINE) + [EOI, EOA]; CFG's
   unconditional branch is the same with the prompt "<uncondition>" and the same image part, mixed
   as (1 + w) cond - w uncond (the loop's `guide`); 64 steps, w = 4, cosine schedule;
-- 1024x1024 images are 64x64 tokens (VQ scale 16), decoded by aMUSEd's VQ-GAN from vqvae/.
+- 1024x1024 images are 64x64 tokens (VQ scale 16), decoded by aMUSEd's VQ-GAN from vqvae/:
+  VQModel.from_pretrained(ckpt, subfolder="vqvae"), then (utils/image_utils.py decode_vq_to_image)
+  vqvae.decode(ids (1, h, w), force_not_quantize=True, shape=(1, h, w, latent_channels))
+  .sample.clip(0, 1), i.e. codebook rows -> post_quant_conv -> Decoder, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -33,17 +38,20 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from migm.models.amused_vq import VQConfig, VQDecoder
 from migm.models.assets import CheckpointError
 from migm.models.conditions import IdConditions
 from migm.models.layers import LayerShape, Stream
 from migm.models.registry import HOW_TO_GET
+
+if TYPE_CHECKING:
+    from diffusers import VQModel
 
 # The condition table when none is given: placeholders so that the class-style callers
 # (cond = arange(B) % num_classes) run; real runs pass their prompt file.
@@ -303,18 +311,46 @@ def load_llada(path: str | Path, c: DiMOOConfig, dtype: torch.dtype = torch.bflo
     return _load(model, files, Path(path), "LLaDA transformer", summary, dtype, device)
 
 
-def load_vq_decoder(path: str | Path, device: str | torch.device = "cpu") -> VQDecoder:
-    """diffusers VQModel folder (config.json + diffusion_pytorch_model.safetensors) -> fp32 decoder;
-    the encoder and quant_conv weights in the file are ignored."""
-    c = VQConfig.from_json(_need(Path(path) / "config.json", "VQ tokenizer config"))
-    weights = _need(Path(path) / "diffusion_pytorch_model.safetensors", "VQ tokenizer weights")
-    with torch.device("meta"):
-        model = VQDecoder(c)
-    files = {k: (weights, k) for k in _keys(weights)
-             if k.startswith(("quantize.", "post_quant_conv.", "decoder."))}
-    summary = (f"channels {c.block_out_channels}, {c.num_vq_embeddings} codes, latent "
+def _vq_model_class() -> type:
+    """diffusers' VQModel, imported on first use: only the DiMOO base needs it."""
+    try:
+        from diffusers import VQModel
+    except ImportError as err:
+        raise ImportError("Lumina-DiMOO's VQ tokenizer is loaded with diffusers' VQModel and "
+                          "diffusers is missing: pip install 'diffusers>=0.39,<0.40'") from err
+    return VQModel
+
+
+def load_vq_decoder(path: str | Path, device: str | torch.device = "cpu") -> VQModel:
+    """vqvae/ (a diffusers VQModel folder: config.json + diffusion_pytorch_model.safetensors) ->
+    diffusers' VQModel in fp32, as the reference loads it. Names and shapes are checked against
+    the file header first, because diffusers fills missing weights with random ones and only logs
+    it; keys VQModel lacks are ignored, as diffusers ignores them, and named in a warning."""
+    path = Path(path)
+    config_file = _need(path / "config.json", "VQ tokenizer config")
+    weights = _need(path / "diffusion_pytorch_model.safetensors", "VQ tokenizer weights")
+    VQModel = _vq_model_class()
+    try:
+        with torch.device("meta"):
+            empty = VQModel.from_config(VQModel.load_config(str(path)))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{config_file}: not a diffusers VQModel config ({err})") from err
+    c, expected = empty.config, {k: v.shape for k, v in empty.state_dict().items()}
+    if not c.lookup_from_codebook:       # decode(ids, force_not_quantize=True) needs the lookup
+        raise CheckpointError(f"{config_file}: lookup_from_codebook is false; Lumina-DiMOO's VQ "
+                              "(aMUSEd's) decodes code ids, which needs it true")
+    found = _read({k: (weights, k) for k in _keys(weights)}, shapes_only=True)
+    extra = sorted(k for k in found if k not in expected)
+    summary = (f"channels {tuple(c.block_out_channels)}, {c.num_vq_embeddings} codes, latent "
                f"{c.latent_channels}, mid attention {c.mid_block_add_attention}")
-    return _load(model, files, weights, "VQ decoder", summary, torch.float32, device)
+    _check_fit(weights, "VQ tokenizer", {k: v for k, v in found.items() if k in expected}, expected,
+               summary)
+    if extra:
+        warnings.warn(f"{weights}: {len(extra)} keys that diffusers' VQModel does not have are "
+                      f"ignored: {extra[:4]}{' ...' if len(extra) > 4 else ''}", stacklevel=2)
+    model = VQModel.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False,
+                                    torch_dtype=torch.float32)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def tokenize_prompts(tokenizer_dir: str | Path, prompts: Sequence[str],
@@ -356,7 +392,7 @@ class DiMOOMIGM(IdConditions, nn.Module):
 
     condition_name = ("prompt index", "prompt indices")   # cond indexes the prompt table
 
-    def __init__(self, llm: LLaDA, vq: VQDecoder, prompt_ids: Sequence[Sequence[int]],
+    def __init__(self, llm: LLaDA, vq: VQModel, prompt_ids: Sequence[Sequence[int]],
                  prompts: Sequence[str] = ()) -> None:
         super().__init__()
         c = llm.config
@@ -478,12 +514,17 @@ class DiMOOMIGM(IdConditions, nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) -> images (B, 3, s H, s W) in [-1, 1], s = 16: the VQ's [0, 1], rescaled."""
+        """tokens (B, L) -> images (B, 3, s H, s W) in [-1, 1], s = 16: the reference's decode
+        (VQModel.decode of the codebook rows, clipped to [0, 1]), rescaled."""
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), "
                              f"got [{int(tokens.min())}, {int(tokens.max())}]")
-        grid = (self.config.grid_height, self.config.grid_width)
-        return self.vq(tokens.to(self.vq.quantize.embedding.weight.device), grid) * 2 - 1
+        codebook, c = self.vq.quantize.embedding, self.config
+        ids = tokens.to(codebook.weight.device).view(-1, c.grid_height, c.grid_width)   # (B, h, w)
+        # shape (B, h, w, row width): the reference passes latent_channels, the same for aMUSEd
+        images = self.vq.decode(ids, force_not_quantize=True,
+                                shape=(*ids.shape, codebook.embedding_dim)).sample  # (B, 3, H, W)
+        return images.clip(0, 1) * 2 - 1
 
     # --- per-layer access (models/layers.py: LayeredBase) ----------------------------------------
     def embed_sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> Stream:
