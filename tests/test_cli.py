@@ -186,7 +186,8 @@ def test_ckpt_path_does_not_override_the_configs_model_arguments(tmp_path):
             raise Parsed(self.config["test"]["model"]["init_args"])
 
     ckpt = tmp_path / "trained.ckpt"
-    torch.save({"hyper_parameters": {"lr": 0.5, "evaluation": {"reference_steps": 16}}}, ckpt)
+    torch.save({"hyper_parameters": {"lr": 0.5, "evaluation": {"reference_steps": 16}}, "state_dict": {},
+                "pytorch-lightning_version": "2.6.6"}, ckpt)
     with pytest.raises(Parsed) as parsed:
         Probe(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
               args=["test", "--config", str(REPO / "configs/tiny.yaml"), "--ckpt_path", str(ckpt),

@@ -90,6 +90,10 @@ class LoggedConfig(SaveConfigCallback):
 
 
 class MigmCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        enable_method_classes()
+        super().__init__(*args, **kwargs)
+
     def _parse_ckpt_path(self) -> None:
         """The config (with its command-line overrides) decides the module; --ckpt_path only
         supplies weights and training state.
@@ -131,7 +135,6 @@ def lightning_main(args: list[str] | None = None, run: bool = True, raise_errors
     """LightningCLI over any LightningModule/DataModule; `raise_errors`: a bad config raises
     jsonargparse's ArgumentError instead of printing usage and exiting (the one-line mode)."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    enable_method_classes()
     default_wandb_mode()
     parser_kwargs = {}
     if raise_errors:
@@ -165,10 +168,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause and fix: bad files, bad settings, a diverged run."""
     from argparse import ArgumentError
 
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from migm.data.trajectories import ShardError
     from migm.models.assets import CheckpointError
+    # MisconfigurationException: a trainer setting this machine cannot honour ("No supported gpu
+    # backend found!" for the shipped accelerator: gpu configs on a CPU-only machine)
     return (CheckpointError, ShardError, ValueError, FileNotFoundError, FloatingPointError, KeyError,
-            ArgumentError)
+            ArgumentError, MisconfigurationException)
 
 
 def cli() -> None:
@@ -200,8 +207,10 @@ def condense(message: str) -> str:
     causes = [l for l in lines[1:] if not any(n in l for n in _NOISE)]
     if not causes:
         return key
-    deepest = max(causes, key=lambda l: len(l) - len(l.lstrip()))
-    return f"{key}: {deepest.strip().lstrip('- ').strip()}"
+    deepest = max(causes, key=lambda l: len(l) - len(l.lstrip())).strip().lstrip("- ").strip()
+    if any(n in key for n in _NOISE):      # a module's own error raised while it was built: the
+        return deepest                     # tree names no key, only the union it was tried in
+    return f"{key}: {deepest}"
 
 
 def discard_failed_wandb_run() -> None:
