@@ -42,18 +42,54 @@ class GridPoint:
         return {"steps": self.steps, **dict(self.knobs)}
 
     def source(self, model, shortcut=None):
-        """A fresh feature source for this setting."""
-        return self.method.source(model, shortcut, **self.values)
+        """A fresh feature source for this setting; a method's `temperature` applies to the steps
+        its source does not compute with a full base call (PlannedSource does so itself)."""
+        from migm.accel.refresh import PlannedSource
+        source = self.method.source(model, shortcut, **self.values)
+        if self.method.temperature != 1.0 and not isinstance(source, PlannedSource):
+            source = TemperedSource(source, self.method.temperature)
+        return source
+
+
+class TemperedSource:
+    """Any feature source, with its approximated steps' logits divided by `temperature`.
+
+    A step counts as approximated when the source's `base_calls` did not grow during it (a cache's
+    partial or forecast step). Extrapolated or stale features are over-confident (docs/results.md:
+    the skipped-step temperature measured for reuse and the shortcut), so every training-free
+    method gets the same knob: no method wins on another's handicap."""
+
+    def __init__(self, source, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (1 = off), got {temperature}")
+        self.source, self.temperature = source, temperature
+        self.step_temperature, self.eligible = 1.0, None
+
+    def reset(self) -> None:
+        self.source.reset()
+
+    def __call__(self, ctx):
+        before = self.source.counts()["base_calls"]
+        features = self.source(ctx)
+        full = self.source.counts()["base_calls"] > before
+        self.step_temperature = getattr(self.source, "step_temperature", 1.0) * (1.0 if full else self.temperature)
+        self.eligible = getattr(self.source, "eligible", None)
+        return features
+
+    def counts(self) -> dict:
+        return self.source.counts()
 
 
 @dataclass
 class Method:
     """Base of every method. `steps`: the N values to run (each a separate point); `tag`: a
     word appended to every label, so two entries of one method that differ in a fixed field
-    (say, two temperatures) stay apart in the table."""
+    (say, two temperatures) stay apart in the table; `temperature`: divides the logits on the
+    steps the method does not compute with a full base call (1 = off; vanilla has none)."""
 
     steps: list[int] = field(default_factory=lambda: [32])
     tag: str = ""
+    temperature: float = 1.0
 
     name: ClassVar[str] = "method"
     needs_shortcut: ClassVar[bool] = False      # True: `test` must supply trained shortcut weights
@@ -88,6 +124,8 @@ class Method:
         """Raise ValueError naming the field if this setting cannot apply."""
         if steps < 1:
             raise ValueError(f"{type(self).__name__}.steps: N must be >= 1, got {steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"{type(self).__name__}.temperature: must be > 0 (1 = off), got {self.temperature}")
 
     def label(self, steps: int, **knobs) -> str:
         return f"N{steps}"
@@ -107,6 +145,11 @@ class Vanilla(Method):
 
     name: ClassVar[str] = "vanilla"
 
+    def check(self, steps: int, **knobs) -> None:
+        super().check(steps)
+        if self.temperature != 1.0:
+            raise ValueError("Vanilla.temperature: vanilla skips no step; use the sampler's temperature")
+
     def source(self, model, shortcut, steps: int, **knobs):
         return VanillaSource(model)
 
@@ -125,13 +168,12 @@ class PlannedMethod(Method):
             (1 + floor(N (j/B)^plan_power): more base calls early), `official` (the released
             MIGM-Shortcut code's choice).
         plan_power: the exponent of `front_loaded` (>= 1; 1 is uniform).
-        temperature: divides the logits on the steps the base skips (1 = off).
+        temperature: (Method's) divides the logits on the steps the base skips (1 = off).
     """
 
     budgets: list[int] = field(default_factory=lambda: [8])
     plan: PlanName = "uniform"
     plan_power: float = 1.0
-    temperature: float = 1.0
 
     def check(self, steps: int, budgets: int, **knobs) -> None:
         super().check(steps)
@@ -141,8 +183,6 @@ class PlannedMethod(Method):
                              f"N={steps} (at B = N every step is a base step: that is vanilla)")
         if self.plan_power < 1:
             raise ValueError(f"{cls}.plan_power: must be >= 1 (1 = uniform), got {self.plan_power}")
-        if self.temperature <= 0:
-            raise ValueError(f"{cls}.temperature: must be > 0 (1 = off), got {self.temperature}")
         if self.plan not in ("uniform", "front_loaded", "official"):
             raise ValueError(f"{cls}.plan: must be uniform, front_loaded or official, got {self.plan!r}")
 

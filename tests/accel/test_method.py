@@ -1,0 +1,67 @@
+"""The method registry: families of settings swept into points, checked when built."""
+
+import pytest
+import torch
+
+from migm.accel.method import TemperedSource, Vanilla
+from migm.accel.reuse import Reuse
+from migm.accel.shortcut import Shortcut
+from migm.accel.taylorseer import TaylorSeer
+from migm.evaluation.grid import GridConfig
+from migm.sampling.loop import generate
+
+
+def test_list_fields_are_swept_in_declaration_order_and_scalars_fixed():
+    points = Shortcut(steps=[16, 32], budgets=[4, 8], plan="front_loaded", plan_power=2.0).points()
+    assert [p.label for p in points] == ["N16/B4", "N16/B8", "N32/B4", "N32/B8"]
+    assert points[1].values == {"steps": 16, "budgets": 8}
+    assert points[0].method.describe()["plan_power"] == 2.0 and "budgets" not in points[0].method.describe()
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: Shortcut(steps=[4], budgets=[8]), "Shortcut.budgets"),
+    (lambda: Reuse(steps=[8], budgets=[4], plan_power=0.5), "Reuse.plan_power"),
+    (lambda: Reuse(steps=[8], budgets=[4], temperature=-1), "Reuse.temperature"),
+    (lambda: Shortcut(steps=[8], budgets=[4], step_scale=3.0), "Shortcut.step_scale"),
+    (lambda: Vanilla(steps=[8], temperature=1.1), "Vanilla.temperature"),
+    (lambda: Vanilla(steps=[]), "Vanilla.steps"),
+])
+def test_a_setting_that_cannot_apply_is_an_error_naming_the_field(make, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        make()
+
+
+def test_the_grid_refuses_a_reference_it_does_not_run_and_duplicate_points():
+    with pytest.raises(ValueError, match="reference_steps: 32 must be one of the Vanilla steps"):
+        GridConfig(methods=[Vanilla(steps=[8])], reference_steps=32)
+    with pytest.raises(ValueError, match="same point"):
+        GridConfig(methods=[Vanilla(steps=[8]), Reuse(steps=[16], budgets=[4]), Reuse(steps=[16], budgets=[4])],
+                   reference_steps=8)
+    tagged = GridConfig(methods=[Vanilla(steps=[8]), Reuse(steps=[16], budgets=[4]),
+                                 Reuse(steps=[16], budgets=[4], temperature=1.2, tag="t1.2")], reference_steps=8)
+    assert [p.label for p in tagged.points()] == ["N8", "N16/B4", "N16/B4 t1.2"]
+
+
+def test_a_caches_temperature_divides_only_the_steps_it_approximates(small_migm):
+    """TaylorSeer at N=12, interval 4: full steps 1, 2, 6, 10; the others are forecasts."""
+    seen = []
+
+    class Spy(TemperedSource):
+        def __call__(self, ctx):
+            out = super().__call__(ctx)
+            seen.append((ctx.step, self.step_temperature))
+            return out
+
+    method = TaylorSeer(steps=[12], interval=[4], order=[1], temperature=1.5)
+    point = method.points()[0]
+    source = point.source(small_migm)
+    assert isinstance(source, TemperedSource)
+    spy = Spy(source.source, 1.5)
+    cond = torch.arange(4) % 10
+    generate(small_migm, spy, cond, 12, seed=3)
+    full = [s for s, t in seen if t == 1.0]
+    assert full == [1, 2, 6, 10] and all(t == 1.5 for s, t in seen if s not in full)
+    plain = generate(small_migm, TaylorSeer(steps=[12], interval=[4], order=[1]).points()[0].source(small_migm),
+                     cond, 12, seed=3)
+    tempered = generate(small_migm, point.source(small_migm), cond, 12, seed=3)
+    assert plain.counts == tempered.counts
