@@ -11,10 +11,10 @@ from migm.evaluation.quality import QualityMetrics
 from migm.models.assets import CheckpointError
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def save_clip(d):
+    """A small random CLIP in `d`, saved as real weights are (transformers layout); also used by
+    tests/test_real_models.py."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-    d = tmp_path_factory.mktemp("clip")
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {c: i for i, c in enumerate(letters)} | {c + "</w>": 26 + i for i, c in enumerate(letters)}
     vocab |= {"<|startoftext|>": 52, "<|endoftext|>": 53}
@@ -33,6 +33,11 @@ def clip_dir(tmp_path_factory):
     CLIPModel(config).save_pretrained(d)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return save_clip(tmp_path_factory.mktemp("clip"))
 
 
 def _images(n=20, seed=0):

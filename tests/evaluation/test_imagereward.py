@@ -66,13 +66,18 @@ def _reference_state(seed=0):
     return sd
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imagereward")
+def save_image_reward(d):
+    """A small random ImageReward directory in the released layout in `d`; also used by
+    tests/test_real_models.py."""
     torch.save(_reference_state(), d / "ImageReward.pt")
     (d / "med_config.json").write_text(json.dumps(MED))
     (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return d
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory):
+    return save_image_reward(tmp_path_factory.mktemp("imagereward"))
 
 
 # --- the reference, as plain functions --------------------------------------------------------------

@@ -58,6 +58,8 @@ def test_test_on_a_real_base_needs_its_own_shortcut_weights(tmp_path):
     from migm.data.collection import ConditionDataset
     from migm.models.assets import CheckpointError
     from migm.shortcut.module import ShortcutModule
+    for name in ("MaskGIT.pth", "VQGAN.pth"):              # present (never read before the error)
+        (tmp_path / name).touch()
     module = ShortcutModule(base_kind="maskgit", base=str(tmp_path / "MaskGIT.pth"),
                             tokenizer=str(tmp_path / "VQGAN.pth"),
                             metrics=MetricsConfig(fid="none", classifier=None))

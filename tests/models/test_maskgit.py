@@ -303,7 +303,9 @@ def test_released_configs_match_the_reference_sizes():
 
 def test_collect_records_maskgit_trajectories(tmp_path):
     """`migm collect` on the adapter: the shards carry MaskGIT's geometry, and the recorded
-    features of step 1 are the base's features of the all-mask grid."""
+    features of step 1 are the base's state of the all-mask grid at its L + 1 positions (the
+    shipped config records the sequence the official shortcut evolves: the grid, then the class
+    slot)."""
     import dataclasses
 
     import h5py
@@ -330,5 +332,6 @@ def test_collect_records_maskgit_trajectories(tmp_path):
     model = MaskGITMIGM.from_checkpoints(tpath, vpath, TINY)
     with h5py.File(shards[0]) as f:
         cond, first = torch.from_numpy(f["cond"][:]).long(), torch.from_numpy(f["features"][:, 0, 0]).float()
-    expected = model.features(torch.full((len(cond), 16), 16), cond)
+    expected = model.sequence_features(torch.full((len(cond), 16), 16), cond)   # (B, L + 1, D)
+    assert schema.sequence_length == 17 and first.shape == expected.shape == (4, 17, 32)
     torch.testing.assert_close(first, expected, atol=2e-2, rtol=1e-2)          # stored as float16

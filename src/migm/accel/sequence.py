@@ -68,6 +68,19 @@ def gather_grid(states: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return states.gather(1, grid[..., None].expand(-1, -1, states.shape[-1]))
 
 
+def sequence_step(base, states: torch.Tensor, tokens: torch.Tensor, cond: torch.Tensor,
+                  revealed: torch.Tensor, mask_ratio: torch.Tensor, t: torch.Tensor) -> SequenceStep:
+    """The SequenceStep of the grid x_{i-1} = `tokens` (R, L) whose step-(i-1) reveals are
+    `revealed` (R, L, bool), from `states` (R, T, D) of x_{i-2}; mask_ratio and t (R,) of x_{i-1}.
+    The source builds it at every shortcut step; the benchmark (evaluation/bench.py) times the
+    network on one."""
+    ids, valid, grid = base.sequence(tokens, cond)
+    new = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, grid, revealed)            # (R, T)
+    return SequenceStep(states=states, ids=ids, new=new, grid=grid, valid=valid, cond=cond,
+                        uncond=cond == base.null_condition(cond), mask_ratio=mask_ratio, t=t,
+                        embed=base.input_embedding() if hasattr(base, "input_embedding") else None)
+
+
 class _KeepState:
     """The base as PlannedSource sees it: its `features` runs `sequence_features` and hands the
     full state to the source, so the plan's bookkeeping (which steps, counts) lives once."""
@@ -108,17 +121,12 @@ class SequenceShortcutSource(PlannedSource):
         self.states = None
 
     def between(self, ctx: StepContext) -> torch.Tensor:
-        ids, valid, grid = self.base.sequence(ctx.tokens, ctx.cond)
-        new = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, grid, ctx.revealed)   # (R, T)
-        R = len(ids)
-        step = SequenceStep(
-            states=self.states, ids=ids, new=new, grid=grid, valid=valid, cond=ctx.cond,
-            uncond=ctx.cond == self.base.null_condition(ctx.cond),
-            mask_ratio=torch.full((R,), ctx.mask_ratio, device=ids.device),
-            t=torch.full((R,), ctx.t, device=ids.device),
-            embed=self.base.input_embedding() if hasattr(self.base, "input_embedding") else None)
+        R, device = len(ctx.tokens), ctx.tokens.device
+        step = sequence_step(self.base, self.states, ctx.tokens, ctx.cond, ctx.revealed,
+                             torch.full((R,), ctx.mask_ratio, device=device),
+                             torch.full((R,), ctx.t, device=device))
         self.states = self.shortcut.step(step).to(self.states.dtype)
-        return gather_grid(self.states, grid)
+        return gather_grid(self.states, step.grid)
 
     def counts(self) -> dict[str, int]:
         return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}

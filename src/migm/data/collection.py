@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from migm.data.recorder import TrajectoryRecorder
 from migm.data.trajectories import ShardError, ShardSchema, open_shard, trajectory_keys, write_shard
 from migm.models.assets import atomic_write_bytes, checkpoint_digest, remove_orphans, sha256
-from migm.models.registry import BaseKind, load_base
+from migm.models.registry import BaseKind, check_files, load_base
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig
 
@@ -151,6 +151,7 @@ class CollectionModule(L.LightningModule):
         if prompts is not None and base_kind != "dimoo":
             raise ValueError(f"base_kind {base_kind}: prompts apply to a text-to-image base only "
                              "(dimoo); class ids need no prompt file")
+        check_files(base_kind, base, tokenizer, prompts)   # named now, before a trainer is built
         self.sampler = sampler
         self.dtype_ = DTYPES[feature_dtype]
         self.skip_batch = lambda batch_idx: False      # set by ShardWriter for resumption

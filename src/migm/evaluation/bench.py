@@ -60,7 +60,15 @@ def call_costs(model, shortcut=None, batch_size: int = 64, repeats: int = 5,
     rounds; `call_speed_ratio` is the median per-round base/shortcut ratio, with its range."""
     tokens, cond, new, t = mid_generation_inputs(model, batch_size, device=device)
     calls = {"base_call_ms": lambda: model.features(tokens, cond)}
-    if shortcut is not None:
+    if shortcut is not None and getattr(shortcut, "positions", "grid") == "sequence" \
+            and hasattr(model, "sequence_features"):
+        # a whole-sequence network (the official ones) is timed as the loop runs it: on the
+        # base's sequence state, through step() (its forward takes other arguments)
+        from migm.accel.sequence import sequence_step
+        ratio = (tokens == model.mask_id).float().mean(1)                          # (rows,)
+        step = sequence_step(model, model.sequence_features(tokens, cond), tokens, cond, new, ratio, t)
+        calls["shortcut_call_ms"] = lambda: shortcut.step(step)
+    elif shortcut is not None:
         feats = model.features(tokens, cond)
         calls["shortcut_call_ms"] = lambda: shortcut(feats, tokens, new, t)
     rounds = interleaved_rounds(calls, rounds=repeats, device=str(device))

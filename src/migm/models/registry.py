@@ -24,6 +24,44 @@ HOW_TO_GET = {
 }
 
 
+# What a Lumina-DiMOO checkpoint directory holds (Alpha-VLLM/Lumina-DiMOO's release layout): the
+# weights index (or one model.safetensors), the text tokenizer, and the VQ folder
+DIMOO_FILES = ("config.json", "model.safetensors.index.json", "tokenizer_config.json")
+DIMOO_VQ_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+def check_files(kind: BaseKind, base: str | Path, tokenizer: str | Path = "",
+                prompts: str | Path | None = None) -> None:
+    """Raise one CheckpointError naming every file a real base needs that is not on disk (and
+    what a DiMOO directory must hold), reading none: the modules call it when they are built, so
+    a command stops at once, before a trainer, a GPU or a DDP launch is set up."""
+    problems = []
+    if kind == "maskgit":
+        problems = [f"{what} {p} not found" for what, p in (("transformer checkpoint", base),
+                                                            ("VQGAN checkpoint", tokenizer))
+                    if p and not Path(p).is_file()]
+    elif kind == "dimoo":
+        root = Path(base)
+        vq = Path(tokenizer) if tokenizer else root / "vqvae"
+        vq_name = vq.relative_to(root) if vq.is_relative_to(root) else vq
+        needs = (f"it must hold config.json, model.safetensors.index.json and its shards (or "
+                 f"model.safetensors), the text tokenizer (tokenizer_config.json, tokenizer.json), "
+                 f"{vq_name}/config.json and {vq_name}/diffusion_pytorch_model.safetensors")
+        if not root.is_dir():
+            problems.append(f"checkpoint directory {root} not found ({needs})")
+        else:
+            lacks = [f for f in DIMOO_FILES if not (root / f).is_file()]
+            if "model.safetensors.index.json" in lacks and (root / "model.safetensors").is_file():
+                lacks.remove("model.safetensors.index.json")
+            lacks += [f"{vq_name}/{f}" for f in DIMOO_VQ_FILES if not (vq / f).is_file()]
+            if lacks:
+                problems.append(f"checkpoint directory {root} lacks {', '.join(lacks)} ({needs})")
+    if prompts and not Path(prompts).is_file():
+        problems.append(f"prompt file {prompts} not found (one prompt per line, or JSONL)")
+    if problems:
+        raise CheckpointError(f"{kind} base model: {'; '.join(problems)}. {HOW_TO_GET[kind]}.")
+
+
 def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=None, **options):
     """The base model behind the protocol the loop and the accelerators use (see models/tiny.py).
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.setup import MetricsConfig
-from migm.models.registry import BaseKind, load_base
+from migm.models.registry import BaseKind, check_files, load_base
 from migm.shortcut.metrics import StepwiseMeans, relative_error, step_diagnostics
 from migm.shortcut.network import NetworkConfig, ShortcutConfig, ShortcutNetwork, time_input
 from migm.training.schedule import configure
@@ -85,6 +85,7 @@ class ShortcutModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        check_files(base_kind, base, tokenizer, prompts)   # a missing file stops us before any trainer
         self.network = (network or ShortcutConfig()).build()
         self.ema = copy.deepcopy(self.network).eval().requires_grad_(False)
         self.evaluation = evaluation or GridConfig()
@@ -114,6 +115,20 @@ class ShortcutModule(L.LightningModule):
 
     def _check_schema(self, schema) -> None:
         c, base = self.network.config, self.base
+        # A whole-sequence network (the official ones) must learn from the state it will be run
+        # on at test (accel/sequence.py), and a grid network from grid rows only: either mix
+        # trains without an error and is wrong at test.
+        sequence_net = getattr(self.network, "positions", "grid") == "sequence" \
+            and hasattr(base, "sequence_features")
+        if sequence_net and not schema.sequence_length:
+            raise ValueError(f"trajectory shards hold grid features (L = {schema.num_tokens}), but "
+                             f"{type(self.network).__name__} evolves the base's whole sequence state: "
+                             "collect with --model.init_args.positions sequence (a base whose sequence "
+                             "length varies with the prompt, DiMOO, cannot be recorded so: train ours there)")
+        if schema.sequence_length and not sequence_net:
+            raise ValueError(f"trajectory shards hold sequence features (T = {schema.sequence_length}), "
+                             f"but {type(self.network).__name__} maps the L = {schema.num_tokens} grid "
+                             "features: collect with positions: grid, or train a sequence network")
         wanted = {"feature_dim": (c.feature_dim, base.feature_dim), "num_tokens": (c.num_tokens, base.num_tokens),
                   "vocab_size": (c.vocab_size, base.vocab_size), "mask_id": (base.mask_id, base.mask_id)}
         bad = [f"{k}: shards have {getattr(schema, k)}, network/base expect {v[0]}"

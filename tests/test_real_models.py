@@ -1,0 +1,317 @@
+"""End to end on the real-model formats: `collect -> fit -> test` through the SHIPPED configs.
+
+A user with the released weights runs configs/collect_maskgit.yaml then configs/maskgit.yaml (or
+the DiMOO pair); here the same files run on small random checkpoints written in the released
+layouts, with only sizes (model widths, grid, trajectories, batch sizes, step lists, training
+length), paths and the device (CPU, one process, fp32) overridden in Python, through the CLI as
+a function. So a config the real thing would crash on crashes here too. The checkpoint writers
+are the ones the fidelity tests pin the layouts with (tests/models/test_maskgit.py, ...); the
+FID network is a small TorchScript stand-in loaded through the real Inception path, CLIP and
+ImageReward small random models saved in their released layouts.
+
+The grids keep every method class the shipped configs list, with their shipped knobs, at fewer
+points (each list cut to its first value; DiMOO at N = 16 instead of 64, so that the 80-token
+test grid runs in seconds): the full lists at the real sizes are what README's tables run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from migm.cli import REPO_ROOT, main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """One torch thread for this module (the conftest's `_threads` runs two): on the shared 2-core
+    machine the loaded second thread made a `test` call 10x slower (34 s instead of 3.4 s)."""
+    torch.set_num_threads(1)
+
+
+def _tests_module(path: str):
+    """A test module holding the writers of a released layout (tests/ is not a package)."""
+    name = "layout_" + path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tests" / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fields(config) -> dict:
+    """A model config dataclass as YAML gives base_config."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _shipped(name: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / "configs" / name).read_text())
+
+
+def _write(cfg: dict, path: Path) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _on_cpu(cfg: dict, root: Path, **trainer) -> dict:
+    """The shipped trainer on one CPU process, fp32, writing under `root`, W&B left out (its
+    offline start costs seconds; the CSV logger stays)."""
+    t = cfg["trainer"]
+    t.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
+             default_root_dir=str(root), enable_progress_bar=False, **trainer)
+    if "logger" in t and t["logger"]:
+        t["logger"] = [lg for lg in t["logger"] if "Wandb" not in lg["class_path"]]
+        for lg in t["logger"]:
+            lg["init_args"]["save_dir"] = str(root)
+    return cfg
+
+
+def _first_points(methods: list[dict], steps: list[int] | None = None) -> list[dict]:
+    """One entry per method class (the first the config lists), each list knob cut to its first
+    value; `steps` replaces the step list where given."""
+    out, seen = [], set()
+    for m in methods:
+        if m["class_path"] in seen:
+            continue
+        seen.add(m["class_path"])
+        args = {k: v[:1] if isinstance(v, list) else v for k, v in m["init_args"].items()}
+        if steps is not None:
+            args["steps"] = steps
+        out.append({"class_path": m["class_path"], "init_args": args})
+    return out
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+
+
+# --- MaskGIT (issue 13): the reference transformer + VQGAN, the official shortcut -----------------
+@pytest.fixture(scope="module")
+def maskgit_fit(tmp_path_factory):
+    """configs/collect_maskgit.yaml, then `fit` through configs/maskgit.yaml, on a random MaskGIT
+    (8x8 grid: the shipped 15- and 32-step schedules fit its 64 tokens, K = 16, 5 classes, D = 32)."""
+    layout = _tests_module("models/test_maskgit.py")
+    root = tmp_path_factory.mktemp("maskgit")
+    config = dataclasses.replace(layout.TINY, grid_size=8, resolution=16, attn_resolutions=(8,))
+    base, vqgan, _, _ = layout.save_reference(root, c=config)
+    files = {"base": str(base), "tokenizer": str(vqgan), "base_config": _fields(config)}
+
+    # FID: the Inception path on a TorchScript stand-in, against a pytorch-fid .npz of 40 images
+    torch.manual_seed(0)
+    inception = root / "inception.pt"
+    torch.jit.save(torch.jit.script(_tests_module("evaluation/test_reference.py").StandIn()), str(inception))
+    from migm.evaluation.features import InceptionFeatures
+    real = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    f = InceptionFeatures(inception)(real).double().numpy()
+    np.savez_compressed(root / "imagenet_val.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+
+    traj = root / "traj"
+    cfg = _on_cpu(_shipped("collect_maskgit.yaml"), traj)
+    cfg["trainer"]["callbacks"][0]["init_args"]["out_dir"] = str(traj)
+    cfg["model"]["init_args"].update(files)
+    cfg["data"]["init_args"].update(num_trajectories=10, num_classes=config.num_classes, batch_size=5)
+    main(["collect", "--config", _write(cfg, root / "collect.yaml")])
+
+    run = root / "run"
+    cfg = _on_cpu(_shipped("maskgit.yaml"), run, max_epochs=1, limit_train_batches=4,
+                  limit_val_batches=2, log_every_n_steps=1)
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
+    m = cfg["model"]["init_args"]
+    m["network"]["init_args"].update(feature_dim=32, vocab_size=16, num_tokens=64, heads=4)
+    m.update(files, warmup_steps=2, out_dir=str(run / "eval"))
+    m["evaluation"].update(latency_batch=2, latency_repeats=1, keep_images=4)   # Table 1's grid, whole
+    m["metrics"].update(inception_path=str(inception), reference=str(root / "imagenet_val.npz"),
+                        cache_dir=str(root / "cache"))
+    cfg["data"]["init_args"].update(dirs=[str(traj)], batch_size=8, num_workers=0, val_fraction=0.2,
+                                    test_samples=10, test_batch_size=10, num_classes=config.num_classes)
+    config_path = _write(cfg, root / "maskgit.yaml")
+    main(["fit", "--config", config_path])
+    return {"root": root, "config": config_path, "run": run, "traj": traj, "model": config,
+            "network": m["network"]["init_args"], **files}
+
+
+def test_maskgit_collect_fit_test_through_the_shipped_configs(maskgit_fit):
+    """The shipped pair records the sequence the official shortcut evolves (the grid, then the
+    class slot), trains it, and `test --ckpt_path best.ckpt` writes FID rows for vanilla and the
+    official plan's shortcut points."""
+    from migm.data.trajectories import open_shard
+
+    schema, n = open_shard(sorted(maskgit_fit["traj"].glob("shard-*.h5"))[0])
+    assert (schema.steps, schema.branches, schema.num_tokens, schema.sequence_length) == (15, 2, 64, 65)
+    assert schema.schedule == "maskgit_reference" and n == 10
+    best = maskgit_fit["run"] / "checkpoints" / "best.ckpt"
+    assert best.exists() and (best.parent / "last.ckpt").exists()
+    metrics = next((maskgit_fit["run"] / "csv").rglob("metrics.csv")).read_text()
+    assert "val/rel_err" in metrics and "train/loss" in metrics
+
+    main(["test", "--config", maskgit_fit["config"], "--ckpt_path", str(best)])
+    rows = _rows(maskgit_fit["run"] / "eval")
+    table1 = [("vanilla", N, N) for N in (8, 9, 11, 13, 15, 32)] + \
+        [("shortcut", 15, B) for B in (7, 8)] + [("shortcut", 32, B) for B in (8, 9, 12)]
+    assert [(r["method"], r["steps"], r["budget"]) for r in rows] == table1
+    assert [(r["base_calls"], r["shortcut_calls"] or 0) for r in rows] == [(B, N - B) for _, N, B in table1]
+    for r in rows:
+        assert np.isfinite(r["fid_inception"]) and r["fid_inception"] >= 0 and r["num_samples"] == 10
+        assert "class_accuracy" not in r                      # no classifier of ImageNet's classes
+        assert r["schedule"] == "maskgit_reference" and r["cfg_weight"] == 2.8 and r["reference_steps"] == 15
+
+
+def test_maskgit_released_shortcut_layout_is_evaluated_with_test_weights(maskgit_fit, capsys):
+    """A random checkpoint in maskgit-shortcut.pth's key layout, through the shipped config with
+    --model.init_args.test_weights, no --ckpt_path."""
+    from migm.shortcut.maskgit_official import MaskGITShortcutConfig
+
+    official = _tests_module("shortcut/test_maskgit_official.py")
+    weights, _ = official.save_official(maskgit_fit["root"], MaskGITShortcutConfig(**maskgit_fit["network"]))
+    cfg = yaml.safe_load(Path(maskgit_fit["config"]).read_text())
+    m = cfg["model"]["init_args"]
+    vanilla, shortcut = m["evaluation"]["methods"][:2]                           # N15, N15/B7
+    m["evaluation"]["methods"] = [{**vanilla, "init_args": {"steps": [15]}},
+                                  {**shortcut, "init_args": {**shortcut["init_args"], "budgets": [7]}}]
+    out = maskgit_fit["root"] / "official"
+    m["out_dir"] = str(out)
+    main(["test", "--config", _write(cfg, maskgit_fit["root"] / "official.yaml"),
+          "--model.init_args.test_weights", str(weights)])
+    assert f"evaluating {weights}" in capsys.readouterr().out
+    rows = _rows(out)
+    assert [(r["label"], r["base_calls"], r["shortcut_calls"] or 0) for r in rows] == [("N15", 15, 0), ("N15/B7", 7, 8)]
+    assert all(np.isfinite(r["fid_inception"]) for r in rows)
+    assert rows[0]["fid_inception"] != rows[1]["fid_inception"]     # the imported network ran
+
+
+def test_fit_refuses_shards_recorded_for_the_other_network_kind(maskgit_fit):
+    """The official (whole-sequence) shortcut on grid-only shards, or ours on sequence shards,
+    would train without an error and be wrong at test: refused, saying how to collect."""
+    from migm.data.trajectories import open_shard
+    from migm.shortcut.maskgit_official import MaskGITShortcutConfig
+    from migm.shortcut.module import ShortcutModule
+    from migm.shortcut.network import ShortcutConfig
+
+    schema, _ = open_shard(sorted(maskgit_fit["traj"].glob("shard-*.h5"))[0])
+    files = {k: maskgit_fit[k] for k in ("base", "tokenizer", "base_config")}
+    official = ShortcutModule(MaskGITShortcutConfig(**maskgit_fit["network"]), "maskgit", **files)
+    official._check_schema(schema)
+    with pytest.raises(ValueError, match=r"hold grid features .* MaskGITShortcutNetwork evolves .* "
+                                         r"--model.init_args.positions sequence"):
+        official._check_schema(dataclasses.replace(schema, sequence_length=0))
+    ours = ShortcutModule(ShortcutConfig(feature_dim=32, vocab_size=16, num_tokens=64, heads=4), "maskgit", **files)
+    with pytest.raises(ValueError, match=r"hold sequence features \(T = 65\), but ShortcutNetwork maps"):
+        ours._check_schema(schema)
+
+
+# --- Lumina-DiMOO (issue 14): the released checkpoint directory, prompts, CLIP, ImageReward --------
+DIMOO_PROMPTS = ["a red cat", "a big blue dog on the grass", "a cat on the grass"]
+
+
+@pytest.fixture(scope="module")
+def dimoo_fit(tmp_path_factory):
+    """configs/collect_dimoo.yaml, then `fit` through configs/dimoo.yaml (our network), on a
+    random checkpoint directory (8x10 grid: 80 tokens, K = 16, D = 32) with 3 prompts."""
+    layout = _tests_module("models/test_dimoo.py")
+    root = tmp_path_factory.mktemp("dimoo")
+    config = dataclasses.replace(layout.TINY, grid_height=8, grid_width=10)
+    layout.save_reference(root / "Lumina-DiMOO", c=config)
+    (root / "prompts.txt").write_text("\n".join(DIMOO_PROMPTS) + "\n")
+    files = {"base": str(root / "Lumina-DiMOO"), "base_config": _fields(config),
+             "prompts": str(root / "prompts.txt")}
+    clip, reward = root / "clip", root / "ImageReward"
+    clip.mkdir(), reward.mkdir()
+    _tests_module("evaluation/test_clip.py").save_clip(clip)
+    _tests_module("evaluation/test_imagereward.py").save_image_reward(reward)
+
+    traj = root / "traj"
+    cfg = _on_cpu(_shipped("collect_dimoo.yaml"), traj)
+    cfg["trainer"]["callbacks"][0]["init_args"]["out_dir"] = str(traj)
+    cfg["model"]["init_args"].update(files)                                   # 64 steps, as shipped
+    cfg["data"]["init_args"].update(num_trajectories=len(DIMOO_PROMPTS))
+    main(["collect", "--config", _write(cfg, root / "collect.yaml")])
+
+    run = root / "run"
+    cfg = _on_cpu(_shipped("dimoo.yaml"), run, max_epochs=1, limit_train_batches=4,
+                  limit_val_batches=2, log_every_n_steps=1)
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
+    m = cfg["model"]["init_args"]
+    m["network"]["init_args"].update(feature_dim=32, vocab_size=16, num_tokens=80, heads=4)
+    m.update(files, warmup_steps=2, out_dir=str(run / "eval"))
+    methods = m["evaluation"]["methods"]                  # vanilla 16/32/64, the first of every other
+    m["evaluation"].update(methods=methods[:1] + _first_points(methods[1:]), latency_repeats=1, keep_images=3)
+    m["metrics"].update(clip_path=str(clip), image_reward_path=str(reward), cache_dir=str(root / "cache"))
+    cfg["data"]["init_args"].update(dirs=[str(traj)], batch_size=4, num_workers=0, val_fraction=0.34,
+                                    test_samples=len(DIMOO_PROMPTS), test_batch_size=len(DIMOO_PROMPTS))
+    config_path = _write(cfg, root / "dimoo.yaml")
+    main(["fit", "--config", config_path])
+    return {"root": root, "config": config_path, "run": run, "traj": traj, "model": config}
+
+
+def test_dimoo_collect_fit_test_through_the_shipped_configs(dimoo_fit):
+    """Condition j is prompt j everywhere; `test --ckpt_path best.ckpt` scores every method class
+    of Table 2's grid by CLIPScore and ImageReward against each sample's prompt."""
+    manifest = json.loads((dimoo_fit["traj"] / "manifest.json").read_text())
+    assert manifest["trajectories"] == 3 and manifest["collection"]["data"]["num_classes"] == 3
+    assert manifest["schema"]["num_tokens"] == 80 and manifest["schema"]["schedule"] == "dimoo_cosine"
+    best = dimoo_fit["run"] / "checkpoints" / "best.ckpt"
+    assert best.exists()
+
+    main(["test", "--config", dimoo_fit["config"], "--ckpt_path", str(best)])
+    rows = _rows(dimoo_fit["run"] / "eval")
+    shipped = {m["class_path"].rsplit(".", 1)[1] for m in _shipped("dimoo.yaml")["model"]["init_args"]["evaluation"]["methods"]}
+    assert len(shipped) == 6 and [(r["method"], r["steps"]) for r in rows] == [
+        ("vanilla", 16), ("vanilla", 32), ("vanilla", 64), ("shortcut", 64), ("ml_cache", 64), ("recap", 40),
+        ("dllm_cache", 64), ("taylorseer", 64)]
+    for r in rows:
+        assert r["num_samples"] == 3
+        assert 0 <= r["clip_score"] <= 100 and np.isfinite(r["image_reward"])
+        assert not any(k.startswith("fid_") for k in r)
+    assert (rows[3]["base_calls"], rows[3]["shortcut_calls"]) == (9, 55)       # official plan, B = 9
+
+
+def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, capsys):
+    """`test --model.init_args.network configs/networks/dimoo_official.yaml --model.init_args.
+    test_weights <file>`: the official whole-sequence network (sizes overridden) from a random
+    file in dimoo-shortcut.pth's layout, prompt tokens fed on the conditional branch."""
+    official = _tests_module("shortcut/test_dimoo_official.py")
+    root = dimoo_fit["root"]
+    network = _shipped("networks/dimoo_official.yaml")
+    network["init_args"].update(feature_dim=32, heads=4, mlp_hidden=48)
+    c = network["init_args"]
+    weights = root / "dimoo-shortcut.pth"
+    official.save_official(weights, official.official_shapes(32, c["ratio"], c["blocks"], c["heads"], None,
+                                                             c["mlp_hidden"], c["embed_t"], c["cross_attention"]))
+    cfg = yaml.safe_load(Path(dimoo_fit["config"]).read_text())
+    m = cfg["model"]["init_args"]
+    m["evaluation"]["methods"] = [{**m["evaluation"]["methods"][0], "init_args": {"steps": [64]}},
+                                  m["evaluation"]["methods"][1]]              # vanilla, shortcut
+    m["out_dir"] = str(root / "official")
+    main(["test", "--config", _write(cfg, root / "official.yaml"),
+          "--model.init_args.network", _write(network, root / "dimoo_official.yaml"),
+          "--model.init_args.test_weights", str(weights)])
+    assert f"evaluating {weights}" in capsys.readouterr().out
+    rows = _rows(root / "official")
+    assert [(r["label"], r["base_calls"], r["shortcut_calls"] or 0) for r in rows] == [("N64", 64, 0), ("N64/B9", 9, 55)]
+    assert all(0 <= r["clip_score"] <= 100 and np.isfinite(r["image_reward"]) for r in rows)
+
+
+NEEDS = ("checkpoints/Lumina-DiMOO not found", "config.json", "model.safetensors.index.json",
+         "vqvae/diffusion_pytorch_model.safetensors", "prompt file", "Alpha-VLLM/Lumina-DiMOO")
+
+
+def test_without_weights_the_shipped_dimoo_config_stops_at_once_naming_the_files(tmp_path, monkeypatch):
+    """The user's own `python -m migm fit --config configs/dimoo.yaml` in a directory without the
+    checkpoint: one line naming the directory and what it must hold, exit 1, before any trainer,
+    GPU (this machine has none) or run directory exists; `collect` through its config alike."""
+    from test_errors import assert_one_line, run_cli
+
+    line = assert_one_line(run_cli("fit", "--config", str(REPO_ROOT / "configs/dimoo.yaml"), cwd=tmp_path), *NEEDS)
+    assert "Union" not in line and "gpu" not in line
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError) as err:
+        main(["collect", "--config", str(REPO_ROOT / "configs/collect_dimoo.yaml")], raise_errors=True)
+    assert all(needle in str(err.value) for needle in NEEDS), err.value
+    assert not (tmp_path / "runs").exists()
