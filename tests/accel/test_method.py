@@ -65,3 +65,19 @@ def test_a_caches_temperature_divides_only_the_steps_it_approximates(small_migm)
                      cond, 12, seed=3)
     tempered = generate(small_migm, point.source(small_migm), cond, 12, seed=3)
     assert plain.counts == tempered.counts
+
+
+def test_a_methods_own_schedule_overrides_the_grids(small_migm):
+    from migm.evaluation.grid import EvaluationGrid
+    from migm.evaluation.quality import QualityMetrics
+
+    with pytest.raises(ValueError, match="Reuse.schedule"):
+        Reuse(steps=[8], budgets=[4], schedule="bogus")
+    config = GridConfig(methods=[Vanilla(steps=[8]), Vanilla(steps=[8], schedule="maskgit_reference", tag="ref")],
+                        reference_steps=8)
+    grid = EvaluationGrid(small_migm, None, QualityMetrics(), config)
+    cond = torch.arange(4) % 10
+    plain, ref = (grid.generate(p, cond, seed=0) for p in grid.points)
+    steps = lambda r: torch.bincount(r.decode_step[0], minlength=9)[1:].tolist()
+    from migm.sampling.schedule import reveal_counts
+    assert steps(plain) == reveal_counts(49, 8, "arccos") and steps(ref) == reveal_counts(49, 8, "maskgit_reference")

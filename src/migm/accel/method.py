@@ -85,11 +85,14 @@ class Method:
     """Base of every method. `steps`: the N values to run (each a separate point); `tag`: a
     word appended to every label, so two entries of one method that differ in a fixed field
     (say, two temperatures) stay apart in the table; `temperature`: divides the logits on the
-    steps the method does not compute with a full base call (1 = off; vanilla has none)."""
+    steps the method does not compute with a full base call (1 = off; vanilla has none);
+    `schedule`: this method's mask schedule where it differs from the grid's (None: the grid's),
+    since the schedule is a first-order knob and each method is tuned on its own."""
 
     steps: list[int] = field(default_factory=lambda: [32])
     tag: str = ""
     temperature: float = 1.0
+    schedule: str | None = None
 
     name: ClassVar[str] = "method"
     needs_shortcut: ClassVar[bool] = False      # True: `test` must supply trained shortcut weights
@@ -126,6 +129,11 @@ class Method:
             raise ValueError(f"{type(self).__name__}.steps: N must be >= 1, got {steps}")
         if self.temperature <= 0:
             raise ValueError(f"{type(self).__name__}.temperature: must be > 0 (1 = off), got {self.temperature}")
+        if self.schedule is not None:
+            from migm.sampling.schedule import COUNT_SCHEDULES, SCHEDULES
+            if self.schedule not in SCHEDULES | COUNT_SCHEDULES:
+                raise ValueError(f"{type(self).__name__}.schedule: one of "
+                                 f"{sorted(SCHEDULES | COUNT_SCHEDULES)} or null, got {self.schedule!r}")
 
     def label(self, steps: int, **knobs) -> str:
         return f"N{steps}"

@@ -85,7 +85,10 @@ class EvaluationGrid(nn.Module):
 
     def generate(self, point: GridPoint, cond: torch.Tensor, seed: int):
         return generate(self.model, point.source(self.model, self.shortcut), cond, point.steps,
-                        schedule=self.config.schedule, sampler=self.config.sampler, seed=seed)
+                        schedule=self.schedule(point), sampler=self.config.sampler, seed=seed)
+
+    def schedule(self, point: GridPoint) -> str:
+        return point.method.schedule or self.config.schedule
 
     @torch.no_grad()
     def update(self, cond: torch.Tensor, seed: int) -> None:
@@ -142,8 +145,9 @@ class EvaluationGrid(nn.Module):
                    "peak_memory_mib": peak, "peak_memory_above_start_mib": peak_delta,
                    "threads": rounds.threads, "device": rounds.device,
                    "load_before": rounds.load[0], "load_after": rounds.load[1], **costs,
-                   "schedule": c.schedule, **{k: v for k, v in point.values.items() if k != "steps"},
+                   **{k: v for k, v in point.values.items() if k != "steps"},
                    **{f"method_{k}": v for k, v in point.method.describe().items()},
+                   "schedule": self.schedule(point),
                    **asdict(c.sampler), "reference_steps": c.reference_steps}
             # the bound from model calls alone: what the speedup would be if only calls cost time
             model_ms = (row["base_calls"] or 0) * costs["base_call_ms"] + \
