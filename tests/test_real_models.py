@@ -9,9 +9,9 @@ are the ones the fidelity tests pin the layouts with (tests/models/test_maskgit.
 FID network is a small TorchScript stand-in loaded through the real Inception path, CLIP and
 ImageReward small random models saved in their released layouts.
 
-The grids keep every method class the shipped configs list, with their shipped knobs, at fewer
-points (each list cut to its first value; DiMOO at N = 16 instead of 64, so that the 80-token
-test grid runs in seconds): the full lists at the real sizes are what README's tables run.
+The step counts and evaluation grids are the shipped ones (Table 1's and Table 2's, every
+baseline at its paper settings): MaskGIT's 8x8 test grid and DiMOO's 8x10 one hold enough tokens
+for 32 and 64 steps. One torch thread: see `_threads`.
 """
 
 from __future__ import annotations
@@ -70,21 +70,6 @@ def _on_cpu(cfg: dict, root: Path, **trainer) -> dict:
         for lg in t["logger"]:
             lg["init_args"]["save_dir"] = str(root)
     return cfg
-
-
-def _first_points(methods: list[dict], steps: list[int] | None = None) -> list[dict]:
-    """One entry per method class (the first the config lists), each list knob cut to its first
-    value; `steps` replaces the step list where given."""
-    out, seen = [], set()
-    for m in methods:
-        if m["class_path"] in seen:
-            continue
-        seen.add(m["class_path"])
-        args = {k: v[:1] if isinstance(v, list) else v for k, v in m["init_args"].items()}
-        if steps is not None:
-            args["steps"] = steps
-        out.append({"class_path": m["class_path"], "init_args": args})
-    return out
 
 
 def _rows(out_dir: Path) -> list[dict]:
@@ -239,8 +224,7 @@ def dimoo_fit(tmp_path_factory):
     m = cfg["model"]["init_args"]
     m["network"]["init_args"].update(feature_dim=32, vocab_size=16, num_tokens=80, heads=4)
     m.update(files, warmup_steps=2, out_dir=str(run / "eval"))
-    methods = m["evaluation"]["methods"]                  # vanilla 16/32/64, the first of every other
-    m["evaluation"].update(methods=methods[:1] + _first_points(methods[1:]), latency_repeats=1, keep_images=3)
+    m["evaluation"].update(latency_repeats=1, keep_images=3)                  # Table 2's grid, whole
     m["metrics"].update(clip_path=str(clip), image_reward_path=str(reward), cache_dir=str(root / "cache"))
     cfg["data"]["init_args"].update(dirs=[str(traj)], batch_size=4, num_workers=0, val_fraction=0.34,
                                     test_samples=len(DIMOO_PROMPTS), test_batch_size=len(DIMOO_PROMPTS))
@@ -260,15 +244,18 @@ def test_dimoo_collect_fit_test_through_the_shipped_configs(dimoo_fit):
 
     main(["test", "--config", dimoo_fit["config"], "--ckpt_path", str(best)])
     rows = _rows(dimoo_fit["run"] / "eval")
-    shipped = {m["class_path"].rsplit(".", 1)[1] for m in _shipped("dimoo.yaml")["model"]["init_args"]["evaluation"]["methods"]}
-    assert len(shipped) == 6 and [(r["method"], r["steps"]) for r in rows] == [
-        ("vanilla", 16), ("vanilla", 32), ("vanilla", 64), ("shortcut", 64), ("ml_cache", 64), ("recap", 40),
-        ("dllm_cache", 64), ("taylorseer", 64)]
+    assert [(r["method"], r["label"]) for r in rows] == [
+        ("vanilla", "N16"), ("vanilla", "N32"), ("vanilla", "N64"),
+        ("shortcut", "N64/B9"), ("shortcut", "N64/B11"), ("shortcut", "N64/B14"),
+        ("ml_cache", "N64/w0.1/r5/c0.9"), ("ml_cache", "N64/w0/r5/c0.9"),
+        ("recap", "u0/T8/N40"), ("recap", "u0/T8/N24"),                      # (u, T, T') of the paper
+        ("dllm_cache", "N64/Kp10/Kr5"), ("dllm_cache", "N64/Kp64/Kr16"),
+        ("taylorseer", "N64/I4/O2/layers"), ("taylorseer", "N64/I8/O2/layers")]
     for r in rows:
         assert r["num_samples"] == 3
         assert 0 <= r["clip_score"] <= 100 and np.isfinite(r["image_reward"])
         assert not any(k.startswith("fid_") for k in r)
-    assert (rows[3]["base_calls"], rows[3]["shortcut_calls"]) == (9, 55)       # official plan, B = 9
+    assert [(r["base_calls"], r["shortcut_calls"]) for r in rows[3:6]] == [(9, 55), (11, 53), (14, 50)]
 
 
 def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, capsys):
@@ -285,8 +272,9 @@ def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, c
                                                              c["mlp_hidden"], c["embed_t"], c["cross_attention"]))
     cfg = yaml.safe_load(Path(dimoo_fit["config"]).read_text())
     m = cfg["model"]["init_args"]
-    m["evaluation"]["methods"] = [{**m["evaluation"]["methods"][0], "init_args": {"steps": [64]}},
-                                  m["evaluation"]["methods"][1]]              # vanilla, shortcut
+    vanilla, shortcut = m["evaluation"]["methods"][:2]                           # N64, N64/B9
+    m["evaluation"]["methods"] = [{**vanilla, "init_args": {"steps": [64]}},
+                                  {**shortcut, "init_args": {**shortcut["init_args"], "budgets": [9]}}]
     m["out_dir"] = str(root / "official")
     main(["test", "--config", _write(cfg, root / "official.yaml"),
           "--model.init_args.network", _write(network, root / "dimoo_official.yaml"),
