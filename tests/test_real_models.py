@@ -190,6 +190,35 @@ def test_fit_refuses_shards_recorded_for_the_other_network_kind(maskgit_fit):
         ours._check_schema(schema)
 
 
+def test_the_official_shortcut_reads_the_class_slot_and_is_scored_on_the_grid(maskgit_fit):
+    """Sequence shards serve (L + 1)-row states; the network reads all of them (the class slot
+    moves too), the loss and diagnostics cover the L grid rows only, as the official loss does."""
+    from torch.utils.data import default_collate
+
+    from migm.data.datamodule import TrajectoryDataModule
+    from migm.shortcut.maskgit_official import MaskGITShortcutConfig
+    from migm.shortcut.module import ShortcutModule
+
+    dm = TrajectoryDataModule([str(maskgit_fit["traj"])], val_fraction=0.2, batch_size=4)
+    dm.setup("fit")
+    batch = default_collate([dm.train_set[k] for k in (0, 7, 30, 55)])
+    assert batch["features"].shape == batch["target"].shape == (4, 65, 32) and batch["tokens"].shape == (4, 64)
+    files = {k: maskgit_fit[k] for k in ("base", "tokenizer", "base_config")}
+    module = ShortcutModule(MaskGITShortcutConfig(**maskgit_fit["network"]), "maskgit", loss_on="masked", **files)
+    ratio = (batch["tokens"] == 16).float().mean(1)                         # mask ratio of x_i
+    full = module.network(batch["features"], batch["tokens"], batch["new"], ratio)       # (4, 65, 32)
+    pred = module._predict(module.network, batch)
+    assert torch.equal(pred, full[:, :64])
+    assert not torch.allclose(full[:, 64], batch["features"][:, 64])           # the class slot moves
+    loss = module._loss(pred, module._on_grid(batch))
+    moved = {**batch, "target": batch["target"].clone()}
+    moved["target"][:, 64] += 1.0                                             # the class slot's target
+    assert module._loss(pred, module._on_grid(moved)) == loss
+    masked = int((batch["tokens"] == 16).any(0).nonzero()[0])                 # a grid row in the loss
+    moved["target"][:, masked] += 1.0
+    assert module._loss(pred, module._on_grid(moved)) != loss
+
+
 # --- Lumina-DiMOO (issue 14): the released checkpoint directory, prompts, CLIP, ImageReward --------
 DIMOO_PROMPTS = ["a red cat", "a big blue dog on the grass", "a cat on the grass"]
 
