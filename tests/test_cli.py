@@ -37,10 +37,26 @@ def test_every_shipped_config_resolves(config, capsys):
     assert resolved["seed_everything"] == original["seed_everything"]
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted((REPO / "experiments").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(REPO / "experiments")))
 def test_every_experiment_resolves(config, capsys):
-    """Lightning experiments (they have a trainer) go through fit/predict, the rest are `evaluate`."""
+    """Lightning experiments (they have a trainer) go through fit/predict; overrides (a `model`
+    without a class_path) through `test` on the config their usage line names; the rest are
+    `evaluate`."""
+    import re
     original = yaml.safe_load(config.read_text())
+    if "model" in original and "class_path" not in original["model"]:
+        base = re.search(r"--config (\S+) --config experiments/", config.read_text())
+        assert base, f"{config}: an override's usage line must name the config it overrides"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["test", "--config", str(REPO / base.group(1)), "--config", str(config), "--print_config"])
+        assert exit_info.value.code == 0
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        evaluation = original["model"]["init_args"].get("evaluation", {})
+        got = resolved["model"]["init_args"]["evaluation"]
+        assert [m["class_path"] for m in got["methods"]] == [m["class_path"] for m in evaluation["methods"]]
+        assert got["seed"] == evaluation.get("seed", 0)
+        return
     if "trainer" in original:
         sub = "predict" if "Collection" in original["model"]["class_path"] else "fit"
         with pytest.raises(SystemExit) as exit_info:
