@@ -46,7 +46,7 @@ from torch import nn
 
 from migm.accel.sequence import SequenceStep
 from migm.models.assets import CheckpointError
-from migm.models.dimoo import DiMOOConfig, LLaDABlock, RMSNorm, _check_fit, rope_tables, rotate
+from migm.models.llada import DiMOOConfig, LLaDABlock, RMSNorm, _check_fit, rope_tables, rotate
 from migm.shortcut.network import NetworkConfig, modulate, timestep_embedding
 
 HOW_TO_GET = ("download DiMOO-Shortcut/dimoo-shortcut.pth from the Kaiwen-Zhu/MIGM-Shortcut "
