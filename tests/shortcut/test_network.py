@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -96,3 +98,15 @@ def test_init_from_base_copies_the_tables(small_migm):
     net.init_from_base(small_migm.token_embedding().weight, small_migm.position_embedding())
     assert torch.equal(net.token_embed.weight, small_migm.token_embedding().weight[:32])
     assert torch.equal(net.pos_embed, small_migm.position_embedding())
+
+
+def test_a_base_without_a_position_table_gets_2d_sinusoids_not_noise():
+    from migm.shortcut.network import ShortcutConfig, ShortcutNetwork, grid_sinusoids
+    net = ShortcutNetwork(ShortcutConfig(feature_dim=16, vocab_size=10, num_tokens=16, ratio=2, heads=2))
+    tokens = torch.randn(11, 16)
+    net.init_from_base(tokens, None)
+    table = grid_sinusoids(16, 16)
+    torch.testing.assert_close(net.pos_embed.data, table * tokens[:10].std())
+    # row 1, column 2 of the 4x4 grid: sin(1) in the row half, sin(2) in the column half
+    assert table[1 * 4 + 2, 0] == pytest.approx(math.sin(1.0)) and table[6, 8] == pytest.approx(math.sin(2.0))
+    assert len({tuple(r.tolist()) for r in table}) == 16                  # every position distinct

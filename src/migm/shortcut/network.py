@@ -89,6 +89,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def grid_sinusoids(num_tokens: int, dim: int) -> torch.Tensor:
+    """(L, dim) sin/cos of a square grid's row (first half of dim) and column (second half), as
+    MAE and DiT tabulate 2D positions; a non-square L is treated as one row."""
+    side = math.isqrt(num_tokens)
+    rows, cols = (side, side) if side * side == num_tokens else (1, num_tokens)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+
+    def axis(pos: torch.Tensor, d: int) -> torch.Tensor:
+        freqs = 1.0 / 10_000 ** (torch.arange(d // 2) / max(d // 2, 1))
+        angles = pos.flatten().float()[:, None] * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], -1)                          # (L, d)
+
+    half = dim // 2
+    return torch.cat([axis(r, half), axis(c, dim - half)], -1)[:, :dim]
+
+
 def pack_new_tokens(tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather each row's newly decoded tokens to the front, padded to the row maximum.
 
@@ -198,10 +214,15 @@ class ShortcutNetwork(nn.Module):
     @torch.no_grad()
     def init_from_base(self, token_embedding: torch.Tensor, position_embedding: torch.Tensor | None = None) -> None:
         """Copy the base model's (V', D) token and (L, D) position tables (extra rows, such as the
-        mask or null tokens, are ignored)."""
+        mask or null tokens, are ignored). A base without a table (Lumina-DiMOO: RoPE in every
+        layer) gets fixed 2D sinusoids of (row, column) at the table's scale instead of noise, so
+        the new tokens' positions mean something from the first step."""
         self.token_embed.weight.copy_(token_embedding[: self.config.vocab_size])
         if position_embedding is not None:
             self.pos_embed.copy_(position_embedding.reshape(self.config.num_tokens, -1))
+        else:
+            table = grid_sinusoids(self.config.num_tokens, self.config.feature_dim)
+            self.pos_embed.copy_(table * token_embedding[: self.config.vocab_size].float().std())
 
     def delta(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
               t: torch.Tensor) -> torch.Tensor:
