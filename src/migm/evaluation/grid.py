@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from migm.accel.method import GridPoint, Method, Vanilla
-from migm.accel.reuse import Reuse
 from migm.accel.shortcut import Shortcut
 from migm.evaluation.bench import call_costs
 from migm.evaluation.latency import interleaved_rounds
