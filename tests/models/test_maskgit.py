@@ -335,3 +335,18 @@ def test_collect_records_maskgit_trajectories(tmp_path):
     expected = model.sequence_features(torch.full((len(cond), 16), 16), cond)   # (B, L + 1, D)
     assert schema.sequence_length == 17 and first.shape == expected.shape == (4, 17, 32)
     torch.testing.assert_close(first, expected, atol=2e-2, rtol=1e-2)          # stored as float16
+
+
+def test_extra_keys_alone_are_ignored_with_a_warning_as_the_reference_loads_strict_false(tmp_path):
+    def extra(t, v):
+        t["transformer.layers.0.0.fn.mha.extra_buffer"] = torch.ones(3)
+        v["decoder.extra_stat"] = torch.ones(2)
+
+    tpath, vpath, _, _ = save_reference(tmp_path, edit=extra)
+    with pytest.warns(UserWarning, match=r"ignoring 1 keys .*strict=False.*extra_buffer"):
+        model = load_base("maskgit", tpath, vpath, config=TINY)
+    (tmp_path / "clean").mkdir()
+    clean, _, _, _ = save_reference(tmp_path / "clean")
+    reference = load_base("maskgit", clean, vpath, config=TINY)
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b)

@@ -19,6 +19,7 @@ architecture, whose checkpoints this does not read):
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,8 +286,10 @@ def _read(path: Path, what: str) -> dict:
     return {k.removeprefix("module."): v for k, v in blob.items() if isinstance(v, torch.Tensor)}
 
 
-def _check_fit(path: Path, what: str, found: dict, expected: dict, c: MaskGITConfig) -> None:
-    """Raise naming the first keys that are missing, unexpected, or of the wrong shape."""
+def _check_fit(path: Path, what: str, found: dict, expected: dict, c: MaskGITConfig) -> dict:
+    """The file's tensors the network expects; raise naming the first keys that are missing or of
+    the wrong shape (with the unexpected ones beside them, often the same keys renamed). Extra
+    keys alone only warn: the reference loads its checkpoints with strict=False."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = [f"{k}: file {tuple(found[k].shape)}, expected {tuple(s)}"
@@ -294,8 +297,11 @@ def _check_fit(path: Path, what: str, found: dict, expected: dict, c: MaskGITCon
     problems = [f"{name} {items[:4]}{' ...' if len(items) > 4 else ''}"
                 for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                     ("shape mismatches", shapes)) if items]
-    if not problems:
-        return
+    if not missing and not shapes:
+        if unexpected:
+            warnings.warn(f"{path}: ignoring {len(unexpected)} keys the MaskGIT {what} does not use "
+                          f"(the reference loads with strict=False): {unexpected[:4]}")
+        return {k: v for k, v in found.items() if k in expected}
     hint, pos = "", found.get("pos_emb")
     if pos is not None and pos.ndim == 3 and "pos_emb" in expected and pos.shape != expected["pos_emb"]:
         n = round((pos.shape[1] - 1) ** 0.5)          # e.g. 16 for the ImageNet-256 checkpoint
@@ -309,7 +315,7 @@ def load_maskgit_transformer(path: str | Path, config: MaskGITConfig) -> MaskGIT
     path, model = Path(path), MaskGITTransformer(config)
     found = _read(path, "transformer")
     expected = {_rename(k, to_ours=False): v.shape for k, v in model.state_dict().items()}
-    _check_fit(path, "transformer", found, expected, config)
+    found = _check_fit(path, "transformer", found, expected, config)
     model.load_state_dict({_rename(k, to_ours=True): v.float() for k, v in found.items()})
     return model.eval().requires_grad_(False)
 
@@ -319,7 +325,7 @@ def load_vqgan_decoder(path: str | Path, config: MaskGITConfig) -> VQGANDecoder:
     path, model = Path(path), VQGANDecoder(config)
     kept = ("quantize.", "post_quant_conv.", "decoder.")
     found = {k: v for k, v in _read(path, "VQGAN").items() if k.startswith(kept)}
-    _check_fit(path, "VQGAN decoder", found, {k: v.shape for k, v in model.state_dict().items()}, config)
+    found = _check_fit(path, "VQGAN decoder", found, {k: v.shape for k, v in model.state_dict().items()}, config)
     model.load_state_dict({k: v.float() for k, v in found.items()})
     return model.eval().requires_grad_(False)
 
