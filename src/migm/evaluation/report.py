@@ -94,14 +94,13 @@ def plot_side_by_side(samples: dict[str, torch.Tensor], path: Path, per_row: int
 
 def format_table(rows: list[dict]) -> str:
     """The grid as a fixed-width table: quality, latency, speedup (median of per-round ratios,
-    with its range when timed over several rounds), the call-count ideal, the peak memory a
-    generation call adds to the process (+MiB; the absolute peak is in results.jsonl), calls."""
+    with its range when timed over several rounds), the call-count ideal, peak memory, calls."""
     y = fid_key(rows)
     clip = any("clip_score" in r for r in rows) and y != "clip_score"
     acc = any("class_accuracy" in r for r in rows)
     fmt = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else format("-", spec.split(".")[0].rstrip("f"))
     head = (f"{'config':>24} {y:>15}" + (f" {'class acc':>9}" if acc else "") + (f" {'CLIPScore':>9}" if clip else "")
-            + f" {'ms/img':>8} {'speedup':>8} {'range':>11} {'ideal':>6} {'+MiB':>6} {'calls b/s':>9}")
+            + f" {'ms/img':>8} {'speedup':>8} {'range':>11} {'ideal':>6} {'peak MiB':>8} {'calls b/s':>9}")
     lines = [head]
     for r in rows:
         spread = (f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}" if r.get("speedup_min") is not None else "-")
@@ -109,7 +108,7 @@ def format_table(rows: list[dict]) -> str:
                      + (f" {fmt(r.get('class_accuracy'), '>9.3f')}" if acc else "")
                      + (f" {fmt(r.get('clip_score'), '>9.2f')}" if clip else "")
                      + f" {fmt(r['latency_ms_per_image'], '>8.2f')} {fmt(r['speedup'], '>8.2f')} {spread:>11}"
-                     f" {fmt(r.get('ideal_speedup'), '>6.2f')} {fmt(r.get('peak_memory_above_start_mib'), '>6.1f')}"
+                     f" {fmt(r.get('ideal_speedup'), '>6.2f')} {fmt(r.get('peak_memory_mib'), '>8.0f')}"
                      f" {r['base_calls']:>4}/{r['shortcut_calls'] or 0:<4}")
     return "\n".join(lines)
 
