@@ -81,3 +81,21 @@ def test_a_methods_own_schedule_overrides_the_grids(small_migm):
     steps = lambda r: torch.bincount(r.decode_step[0], minlength=9)[1:].tolist()
     from migm.sampling.schedule import reveal_counts
     assert steps(plain) == reveal_counts(49, 8, "arccos") and steps(ref) == reveal_counts(49, 8, "maskgit_reference")
+
+
+def test_grid_update_reports_each_point_to_its_progress_wrapper(small_migm):
+    """A batch of a large grid takes minutes: update() hands its points to a progress wrapper."""
+    from migm.evaluation.grid import EvaluationGrid
+    from migm.evaluation.quality import QualityMetrics
+
+    config = GridConfig(methods=[Vanilla(steps=[4, 8])], reference_steps=8)
+    grid = EvaluationGrid(small_migm, None, QualityMetrics(), config)
+    seen = []
+
+    def progress(items):
+        for item in items:
+            seen.append(item[0].label)
+            yield item
+
+    grid.update(torch.arange(4) % 10, seed=0, progress=progress)
+    assert seen == [p.label for p in grid.points] and len(grid.calls) == 2

@@ -90,9 +90,11 @@ class EvaluationGrid(nn.Module):
         return point.method.schedule or self.config.schedule
 
     @torch.no_grad()
-    def update(self, cond: torch.Tensor, seed: int) -> None:
-        """Generate this batch with every point and score it."""
-        for point, metrics in zip(self.points, self.metrics):
+    def update(self, cond: torch.Tensor, seed: int, progress: Callable | None = None) -> None:
+        """Generate this batch with every point and score it (`progress`, e.g. tqdm, wraps the
+        points: a batch of a large grid takes many minutes)."""
+        pairs = list(zip(self.points, self.metrics))
+        for point, metrics in (progress(pairs) if progress else pairs):
             result = self.generate(point, cond, seed)
             images = self.model.decode(result.tokens)
             metrics.add_fake(images, cond)

@@ -244,7 +244,12 @@ class ShortcutModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         cond, index = batch
-        self.grid.update(cond.to(self.device), seed=self.evaluation.seed + int(index[0]))
+        from functools import partial
+
+        from tqdm.auto import tqdm
+        progress = partial(tqdm, desc=f"batch {batch_idx + 1}: grid points", leave=False,
+                           disable=not self.trainer.is_global_zero)
+        self.grid.update(cond.to(self.device), seed=self.evaluation.seed + int(index[0]), progress=progress)
 
     def on_test_epoch_end(self) -> None:
         from migm.evaluation.report import finish_evaluation
