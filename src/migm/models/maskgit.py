@@ -273,10 +273,8 @@ def _read(path: Path, what: str) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
-            f"{path}: cannot be read as plain tensors ({err}). If it is a Lightning checkpoint holding "
-            f"Python objects and you trust it, keep only its weights once: python -c \"import torch; "
-            f"torch.save({{'state_dict': torch.load('{path}', weights_only=False)['state_dict']}}, "
-            f"'{path}.weights')\" and pass the .weights file") from err
+            f"{path}: cannot be read as plain tensors ({err}); migm loads weights only, never pickled "
+            f"objects: expected the released MaskGIT checkpoint (a dict with model_state_dict)") from err
     if not isinstance(blob, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(blob).__name__}")
     for field in ("model_state_dict", "state_dict"):
