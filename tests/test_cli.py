@@ -210,3 +210,8 @@ def test_ckpt_path_does_not_override_the_configs_model_arguments(tmp_path):
                     "--model.init_args.evaluation.reference_steps", "8", "--model.init_args.lr", "0.01"])
     args = parsed.value.args[0]
     assert args["lr"] == 0.01 and args["evaluation"]["reference_steps"] == 8
+
+
+def test_an_override_alone_names_the_config_it_overrides():
+    with pytest.raises(ValueError, match=r"pareto.yaml: an override .* --config configs/tiny.yaml --config"):
+        main(["test", "--config", str(REPO / "experiments/pareto.yaml")])

@@ -12,10 +12,12 @@ traceback instead. Called as a function (`main(args)`, as the tests do) errors a
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -77,6 +79,28 @@ def with_default_config(argv: list[str]) -> list[str]:
     if argv[0] not in LIGHTNING_SUBCOMMANDS or has_config or any(a in ("-h", "--help") for a in argv):
         return argv
     return [argv[0], "--config", str(default_config(default)), *argv[1:]]
+
+
+def refuse_a_lone_override(argv: list[str]) -> None:
+    """experiments/*.yaml overrides (a `model` without class_path) need the config they override
+    first; alone, jsonargparse would only say "Option 'evaluation.methods' is not accepted"."""
+    if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
+        return
+    configs = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    first = Path(configs[0]) if configs else None
+    if first is None or not first.is_file():
+        return
+    try:
+        data = yaml.safe_load(first.read_text())
+    except yaml.YAMLError:
+        return                                   # jsonargparse names the file and the syntax error
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and "class_path" not in model:
+        found = re.search(r"--config (\S+) --config \S*" + re.escape(first.name), first.read_text())
+        base = found.group(1) if found else "the config it overrides"
+        raise ValueError(f"{first}: an override (its model has no class_path); give the config it "
+                         f"overrides first: --config {base} --config {first}")
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -157,6 +181,7 @@ def main(args: list[str] | None = None, raise_errors: bool = False):
     if argv[0] not in VERBS:
         raise ValueError(f"unknown command {argv[0]!r}; commands: {', '.join(VERBS)} (migm --help)")
     argv = with_default_config(argv)
+    refuse_a_lone_override(argv)
     commands = _project_commands()
     if argv[0] in commands:
         from jsonargparse import auto_cli
