@@ -131,3 +131,9 @@ def test_test_conditions_follow_the_base_when_num_classes_is_null(shard_dir):
     dm.trainer = types.SimpleNamespace(lightning_module=types.SimpleNamespace(base=base))
     cond, index = next(iter(dm.test_dataloader()))
     assert cond.tolist() == [0, 1, 2, 0, 1, 2, 0] and index.tolist() == list(range(7))
+
+
+def test_a_corrupt_shard_manifest_is_a_shard_error_naming_it(shard_dir):
+    (shard_dir / "manifest.json").write_text('{"schema": ')
+    with pytest.raises(ShardError, match=r"manifest\.json: not valid JSON"):
+        scan_shards([shard_dir])

@@ -119,3 +119,9 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         save_checkpoint(tmp_path / "bad.pt", "base", {}, {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])},
                         command="test")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_corrupt_manifest_is_named_not_a_bare_json_error(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"base.pt": {"sha256": ')
+    with pytest.raises(CheckpointError, match=r"manifest\.json: not valid JSON"):
+        read_manifest(tmp_path)
