@@ -177,11 +177,16 @@ class PlannedMethod(Method):
             MIGM-Shortcut code's choice).
         plan_power: the exponent of `front_loaded` (>= 1; 1 is uniform).
         temperature: (Method's) divides the logits on the steps the base skips (1 = off).
+        calibrate: 0, or the number of calibration samples (seeds apart from the evaluation's,
+            GridConfig.calibration_seed) on which a temperature for each skipped step is fitted
+            against the base before the point is evaluated (accel/calibration.py); it replaces
+            `temperature` there, which the calibration run samples with.
     """
 
     budgets: list[int] = field(default_factory=lambda: [8])
     plan: PlanName = "uniform"
     plan_power: float = 1.0
+    calibrate: int = 0
 
     def check(self, steps: int, budgets: int, **knobs) -> None:
         super().check(steps)
@@ -193,6 +198,9 @@ class PlannedMethod(Method):
             raise ValueError(f"{cls}.plan_power: must be >= 1 (1 = uniform), got {self.plan_power}")
         if self.plan not in ("uniform", "front_loaded", "official"):
             raise ValueError(f"{cls}.plan: must be uniform, front_loaded or official, got {self.plan!r}")
+        if self.calibrate < 0:
+            raise ValueError(f"{cls}.calibrate: the number of calibration samples, >= 0 (0 = off), "
+                             f"got {self.calibrate}")
 
     def label(self, steps: int, budgets: int, **knobs) -> str:
         return f"N{steps}/B{budgets}"

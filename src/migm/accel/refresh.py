@@ -109,7 +109,8 @@ class PlannedSource:
     `temperature` divides the guided logits on the steps it does not give to the base: a
     regression-trained shortcut predicts the mean of the possible next features, and logits of a
     mean are sharper than the mean of the logits, so its samples lose diversity unless tempered
-    (README: measured). The loop reads `step_temperature` after each call.
+    (README: measured). The loop reads `step_temperature` after each call. `step_temperatures`
+    ({step: temperature}, accel/calibration.py) overrides it at the steps it names.
     """
 
     def __init__(self, model, plan: RefreshPlan, temperature: float = 1.0) -> None:
@@ -118,6 +119,7 @@ class PlannedSource:
         self.model, self.plan, self.temperature = model, plan, temperature
         self.base_calls = self.skipped = 0
         self.step_temperature = 1.0
+        self.step_temperatures: dict[int, float] = {}
 
     def reset(self) -> None:
         self.base_calls = self.skipped = 0
@@ -130,7 +132,7 @@ class PlannedSource:
             self.step_temperature = 1.0
             return self.model.features(ctx.tokens, ctx.cond)
         self.skipped += 1
-        self.step_temperature = self.temperature
+        self.step_temperature = self.step_temperatures.get(ctx.step, self.temperature)
         return self.between(ctx)
 
     def between(self, ctx) -> torch.Tensor:

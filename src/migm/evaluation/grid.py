@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from migm.accel.calibration import fit_step_temperatures
 from migm.accel.method import GridPoint, Method, Vanilla
 from migm.accel.shortcut import Shortcut
 from migm.evaluation.bench import call_costs
@@ -43,6 +44,8 @@ class GridConfig:
         latency_repeats: timed rounds (every point once per round, after one warm-up).
         keep_images: samples kept per point for the side-by-side grid.
         seed: batch seeds are seed + index of the batch's first sample.
+        calibration_seed: the same for the samples a method's `calibrate` fits its temperatures
+            on; keep it apart from every evaluation seed range (test: 0.., held-out: 100000..).
     """
 
     methods: list[Method] = field(default_factory=default_methods)
@@ -53,6 +56,7 @@ class GridConfig:
     latency_repeats: int = 3
     keep_images: int = 100
     seed: int = 0
+    calibration_seed: int = 900_000
 
     def __post_init__(self) -> None:
         vanilla = [n for m in self.methods if isinstance(m, Vanilla) for n in m.steps]
@@ -81,10 +85,27 @@ class EvaluationGrid(nn.Module):
         self.metrics = nn.ModuleList(metrics.clone() for _ in self.points)   # one per point
         self.calls: dict[GridPoint, dict[str, float]] = {}
         self.kept: dict[GridPoint, list[torch.Tensor]] = {p: [] for p in self.points}
+        self.fitted: dict[GridPoint, dict[int, float]] = {}     # calibrated step temperatures
 
     def generate(self, point: GridPoint, cond: torch.Tensor, seed: int):
-        return generate(self.model, point.source(self.model, self.shortcut), cond, point.steps,
+        return generate(self.model, self.source(point), cond, point.steps,
                         schedule=self.schedule(point), sampler=self.config.sampler, seed=seed)
+
+    def source(self, point: GridPoint):
+        """The point's feature source, with its step temperatures once calibrated (fitted on the
+        first use after a reset, on calibration seeds: the same on every rank)."""
+        source = point.source(self.model, self.shortcut)
+        samples = getattr(point.method, "calibrate", 0)
+        if samples:
+            if point not in self.fitted:
+                device = next(self.model.parameters()).device
+                cond = torch.arange(samples, device=device) % self.model.num_classes
+                self.fitted[point] = fit_step_temperatures(
+                    self.model, point.source(self.model, self.shortcut), cond, point.steps,
+                    schedule=self.schedule(point), sampler=self.config.sampler,
+                    seed=self.config.calibration_seed, batch_size=self.config.latency_batch)
+            source.step_temperatures = self.fitted[point]
+        return source
 
     def schedule(self, point: GridPoint) -> str:
         return point.method.schedule or self.config.schedule
@@ -149,6 +170,8 @@ class EvaluationGrid(nn.Module):
                    **{k: v for k, v in point.values.items() if k != "steps"},
                    **{f"method_{k}": v for k, v in point.method.describe().items()},
                    "schedule": self.schedule(point),
+                   "step_temperatures": ({str(k): v for k, v in self.fitted[point].items()}
+                                         if point in self.fitted else None),
                    **asdict(c.sampler), "reference_steps": c.reference_steps}
             # the bound from model calls alone: what the speedup would be if only calls cost time
             model_ms = (row["base_calls"] or 0) * costs["base_call_ms"] + \
@@ -165,4 +188,5 @@ class EvaluationGrid(nn.Module):
         for m in self.metrics:
             m.reset()
         self.calls.clear()
+        self.fitted.clear()                 # the shortcut may have changed (training callback)
         self.kept = {p: [] for p in self.points}
