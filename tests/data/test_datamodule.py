@@ -137,3 +137,32 @@ def test_a_corrupt_shard_manifest_is_a_shard_error_naming_it(shard_dir):
     (shard_dir / "manifest.json").write_text('{"schema": ')
     with pytest.raises(ShardError, match=r"manifest\.json: not valid JSON"):
         scan_shards([shard_dir])
+
+
+def test_rollout_windows_are_the_recorded_steps_that_follow(shard_dir):
+    """rollout r: a sample starts at step i = 1..N-r and carries steps i+1..i+r-1 as `next_*`,
+    each exactly what the shard holds for that step (features f_{j+1}, grid x_j, tokens new at j)."""
+    dm = TrajectoryDataModule([str(shard_dir)], val_fraction=0.25, batch_size=4, seed=0, rollout=2)
+    dm.setup()
+    ds = dm.train_set
+    assert len(ds) == len(ds.trajectories) * (4 - 2) * 2 and len(dm.val_set) == len(dm.val_set.trajectories) * 3 * 2
+    assert "next_target" not in dm.val_set[0]                          # validation scores pairs
+    files = [h5py.File(p) for p in sorted(shard_dir.glob("shard-*.h5"))]
+    feats = np.concatenate([f["features"][:] for f in files])
+    tokens = torch.from_numpy(np.concatenate([f["tokens"][:] for f in files])).long()
+    dsteps = torch.from_numpy(np.concatenate([f["decode_step"][:] for f in files])).long()
+    starts = set()
+    for k in range(len(ds)):
+        s = ds[k]
+        traj, i, b = ds.trajectories[k // 4], int(s["step"]), int(s["branch"])
+        starts.add(i)
+        assert s["next_target"].shape == (1, 49, ds.schema.feature_dim)
+        assert torch.equal(s["target"], torch.from_numpy(feats[traj, i, b]).float())
+        assert torch.equal(s["next_target"][0], torch.from_numpy(feats[traj, i + 1, b]).float())
+        assert torch.equal(s["next_tokens"][0], x_at_step(tokens[traj], dsteps[traj], i + 1, ds.schema.mask_id))
+        assert torch.equal(s["next_new"][0], dsteps[traj] == i + 1)
+        assert float(s["next_t"][0]) == pytest.approx((i + 1) / 4)
+    assert starts == {1, 2}
+    with pytest.raises(ValueError, match="rollout: between 1 and N-1 = 3"):
+        bad = TrajectoryDataModule([str(shard_dir)], val_fraction=0.25, rollout=4)
+        bad.setup()

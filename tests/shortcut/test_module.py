@@ -142,3 +142,38 @@ def test_shipped_weights_load_into_either_gelu_form_but_not_another_architecture
         torch.testing.assert_close(net(f, tokens, new, t), shipped(f, tokens, new, t), rtol=0, atol=1e-2)
     with pytest.raises(ValueError, match="shortcut.pt: shortcut config .* differs"):
         shipped_weights("shortcut.pt", dataclasses.replace(shipped.config, heads=2))
+
+
+def test_rollout_trains_on_its_own_predictions_the_mean_of_its_step_losses(recorded):
+    """data rollout 3: the loss is the mean over the window's steps of the masked MSE, each step
+    fed the previous step's prediction, computed here by hand from the network's forward."""
+    from migm.data.datamodule import TrajectoryDataModule
+    from migm.shortcut.module import ShortcutModule
+    from migm.shortcut.network import ShortcutConfig
+
+    dm = TrajectoryDataModule([str(recorded)], val_fraction=0.2, batch_size=8, seed=0, rollout=3)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module = ShortcutModule(network=ShortcutConfig(feature_dim=192, blocks=1, heads=4))
+    torch.manual_seed(0)
+    for p in module.network.parameters():               # a non-identity network: steps differ
+        p.data.add_(0.02 * torch.randn_like(p))
+    mask_id = module.base.mask_id
+
+    def step_loss(features, tokens, new, t, target):
+        pred = module.network(features, tokens, new, t)
+        masked = (tokens == mask_id).unsqueeze(-1).float()
+        return pred, ((pred - target) ** 2 * masked).sum() / (masked.sum() * pred.shape[-1])
+
+    pred, total = step_loss(batch["features"], batch["tokens"], batch["new"], batch["t"], batch["target"])
+    for j in range(2):
+        pred, loss = step_loss(pred, batch["next_tokens"][:, j], batch["next_new"][:, j],
+                               batch["next_t"][:, j], batch["next_target"][:, j])
+        total = total + loss
+    assert module.training_step(batch, 0).item() == pytest.approx(total.item() / 3, rel=1e-5)
+
+
+def test_fit_with_rollout_runs_through_the_shipped_config(recorded, tmp_path, make_config):
+    cfg = make_config(tmp_path, recorded, max_epochs=2)
+    after = main(["fit", "--config", cfg, "--data.init_args.rollout", "3"]).trainer.callback_metrics
+    assert "train/first_step_loss" in after and after["val/rel_err"] < 1.0

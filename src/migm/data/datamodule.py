@@ -97,17 +97,26 @@ def scan_shards(dirs: list[str | Path]) -> tuple[ShardSchema, list[tuple[Path, i
 
 class TrajectoryDataset(Dataset):
     """Samples (trajectory, pair, branch): every i = 1..N-1 of a full recording, or the P pairs a
-    bounded one stored (schema.recorded_pairs), over a fixed list of trajectories."""
+    bounded one stored (schema.recorded_pairs), over a fixed list of trajectories.
+
+    `rollout` r > 1 (full recordings only) serves windows instead: i = 1..N-r, with the pair's
+    keys for step i and `next_*` keys (r-1 leading) for steps i+1..i+r-1, so the shortcut can be
+    trained on its own predictions: f_hat_{i+1} = S(f_i, ...), f_hat_{i+2} = S(f_hat_{i+1}, ...)."""
 
     def __init__(self, schema: ShardSchema, shards: list[tuple[Path, int]],
-                 trajectories: np.ndarray) -> None:
-        self.schema = schema
+                 trajectories: np.ndarray, rollout: int = 1) -> None:
+        if rollout < 1 or rollout > max(1, schema.steps - 1):
+            raise ValueError(f"data rollout: between 1 and N-1 = {schema.steps - 1} steps, got {rollout}")
+        if rollout > 1 and schema.recorded_pairs:
+            raise ValueError(f"data rollout: {rollout} consecutive steps need full recordings; these "
+                             f"shards keep {schema.recorded_pairs} pairs per trajectory (recorded_pairs)")
+        self.schema, self.rollout = schema, rollout
         self.paths = [p for p, _ in shards]
         offsets = np.cumsum([0] + [n for _, n in shards])
         self.trajectories = trajectories                     # global trajectory ids
         self.shard_of = np.searchsorted(offsets, trajectories, side="right") - 1
         self.local = trajectories - offsets[self.shard_of]
-        self.pairs = schema.pairs * schema.branches
+        self.pairs = (schema.pairs - rollout + 1) * schema.branches
         # Token arrays are tiny: read (and checksum-verified) once here, not once per sample.
         tokens, steps, keys, pair_step, times = [], [], [], [], None
         for path in self.paths:
@@ -150,8 +159,17 @@ class TrajectoryDataset(Dataset):
         f_i, f_next = read(slot, i), read(slot + 1, i + 1)       # features of x_{i-1} and of x_i
         decode_step = self.decode_step[row]
         x_i = torch.where(decode_step <= i, self.tokens[row], self.schema.mask_id)
-        return {"features": f_i, "target": f_next, "tokens": x_i, "new": decode_step == i,
+        item = {"features": f_i, "target": f_next, "tokens": x_i, "new": decode_step == i,
                 "t": self.times[i], "step": torch.tensor(i), "branch": torch.tensor(branch)}
+        if self.rollout > 1:                                     # steps i+1 .. i+r-1
+            later = range(i + 1, i + self.rollout)
+            item.update(
+                next_target=torch.stack([read(j, j + 1) for j in later]),           # (r-1, L, D)
+                next_tokens=torch.stack([torch.where(decode_step <= j, self.tokens[row],
+                                                     self.schema.mask_id) for j in later]),  # (r-1, L)
+                next_new=torch.stack([decode_step == j for j in later]),             # (r-1, L)
+                next_t=self.times[i + 1:i + self.rollout])                           # (r-1,)
+        return item
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -176,8 +194,10 @@ class TrajectoryDataModule(L.LightningDataModule):
     def __init__(self, dirs: list[str], val_fraction: float = 0.1, batch_size: int = 256,
                  num_workers: int = 0, seed: int = 0, test_samples: int = 1000,
                  test_batch_size: int = 250, num_classes: int | None = 10,
-                 test_conditions: Literal["cycle", "shuffled"] = "cycle") -> None:
-        """num_classes: `test`'s C; None takes the base's (its classes, or its prompts)."""
+                 test_conditions: Literal["cycle", "shuffled"] = "cycle", rollout: int = 1) -> None:
+        """num_classes: `test`'s C; None takes the base's (its classes, or its prompts).
+        rollout: consecutive steps per training sample (1: pairs; r > 1: the shortcut is rolled
+        out on its own predictions for r steps, paper App. B); validation always scores pairs."""
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
@@ -197,7 +217,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         if n_val >= total:
             raise ShardError(f"{total} trajectories cannot be split with val_fraction "
                              f"{self.hparams.val_fraction}: collect more")
-        self.train_set = TrajectoryDataset(self.schema, shards, np.sort(order[n_val:]))
+        self.train_set = TrajectoryDataset(self.schema, shards, np.sort(order[n_val:]), self.hparams.rollout)
         self.val_set = TrajectoryDataset(self.schema, shards, np.sort(order[:n_val]))
 
     def _loader(self, ds: Dataset, sampler: DistributedSampler | None = None) -> DataLoader:

@@ -172,11 +172,11 @@ class ShortcutModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         pred = self._predict(self.network, batch)
         batch = self._on_grid(batch)
-        loss = self._loss(pred, batch)
-        if self.hparams.kl_weight:
-            kl = self._kl(pred, batch)
-            self.log("train/kl", kl)
-            loss = loss + self.hparams.kl_weight * kl
+        loss = self._objective(pred, batch)
+        if "next_target" in batch:              # rollout: later steps start from our prediction
+            loss = loss + sum(self._objective(p, b) for p, b in self._rollout(pred, batch))
+            loss = loss / (1 + batch["next_target"].shape[1])
+            self.log("train/first_step_loss", self._loss(pred, batch))
         # Stop before a non-finite loss reaches the weights (they and the EMA would all turn NaN and
         # be checkpointed); decided over all ranks at once, so no DDP rank waits on the others.
         bad = not bool(torch.isfinite(loss))
@@ -191,6 +191,26 @@ class ShortcutModule(L.LightningModule):
             rel_err = relative_error(pred, batch["target"], batch["features"], self._scope(batch))
         self.log_dict({"train/loss": loss, "train/rel_err": rel_err.mean()}, prog_bar=True)
         return loss
+
+    def _objective(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        loss = self._loss(pred, batch)
+        if self.hparams.kl_weight:
+            kl = self._kl(pred, batch)
+            self.log("train/kl", kl)
+            loss = loss + self.hparams.kl_weight * kl
+        return loss
+
+    def _rollout(self, pred: torch.Tensor, batch):
+        """(f_hat, step batch) for steps i+1 .. i+r-1 of a rollout window (data `rollout`): each
+        step's input features are the previous prediction, gradients flow through the chain."""
+        if getattr(self.network, "positions", "grid") == "sequence":
+            raise ValueError("data rollout > 1 trains grid-feature shortcuts only: a sequence network "
+                             "would need its whole predicted state, which the loss does not keep")
+        for j in range(batch["next_target"].shape[1]):
+            step = {"features": pred, "target": batch["next_target"][:, j], "tokens": batch["next_tokens"][:, j],
+                    "new": batch["next_new"][:, j], "t": batch["next_t"][:, j]}
+            pred = self._predict(self.network, step)
+            yield pred, step
 
     def _logits(self, pred, batch):
         return self.base.head(pred), self.base.head(batch["target"])
