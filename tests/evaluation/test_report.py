@@ -40,3 +40,20 @@ def test_table_shows_clipscore_only_when_measured():
     rows[0]["clip_score"], rows[1]["clip_score"] = 27.5, 26.25
     table = format_table(rows).splitlines()
     assert "CLIPScore" in table[0] and "27.50" in table[1] and "26.25" in table[2]
+
+
+def test_wandb_gets_rows_whose_nested_values_differ_from_row_to_row(tmp_path):
+    """Calibrated points report {step: temperature} with other steps per point; W&B's table must
+    take them (it refused a dict column whose keys differ, after the whole evaluation had run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from migm.evaluation.report import log_report
+    rows = [_row("vanilla", 8, 8, 70.0, 100.0), _row("reuse", 16, 4, 30.0, 99.0), _row("reuse", 16, 8, 40.0, 98.0)]
+    rows[0]["step_temperatures"], rows[1]["step_temperatures"] = None, {"3": 1.0, "4": 1.04}
+    rows[2]["step_temperatures"] = {"6": 1.0}
+    samples = {f"{r['method']} {r['label']}": torch.rand(10, 1, 28, 28) * 2 - 1 for r in rows}
+    files = write_report(rows, samples, tmp_path)
+    logger = WandbLogger(project="migm-test", save_dir=str(tmp_path), offline=True)
+    log_report(rows, files, [logger], step=0)
+    logger.experiment.finish()
+    assert list(tmp_path.rglob("offline-run-*"))

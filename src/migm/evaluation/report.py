@@ -139,7 +139,10 @@ def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, pre
         if hasattr(logger, "log_table"):                       # WandbLogger
             import wandb
             columns = list(rows[0])
-            data = [[r.get(c) for c in columns] for r in rows]
+            # a W&B table column keeps one type: nested values (a calibration's {step: temperature},
+            # its keys differing row to row) go in as their JSON text
+            cell = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v
+            data = [[cell(r.get(c)) for c in columns] for r in rows]
             logger.log_table(key=f"{prefix}/results", columns=columns, data=data, step=step)
             logger.log_image(key=f"{prefix}/pareto", images=[str(files["pareto"])], step=step)
             logger.log_image(key=f"{prefix}/samples", images=[str(files["samples"])], step=step)
