@@ -193,7 +193,9 @@ def test_padded_rows_of_a_training_batch_match_their_unpadded_forward(tmp_path):
     for b in range(2):
         ids = tokens[b:b + 1][new_map[b:b + 1]].view(1, -1)
         expected = reference_forward(sd, wte, wpe, prev[b:b + 1], ids, new_map[b:b + 1], ratio[b:b + 1], 4)
-        torch.testing.assert_close(out[b:b + 1], expected, atol=1e-5, rtol=1e-5)
+        # float32, batched vs one row: matmul kernels differ by CPU and batch (3e-5 seen on AMD
+        # EPYC); a padded key leaking into attention moves the output by far more than 1e-4
+        torch.testing.assert_close(out[b:b + 1], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_released_setting_has_the_reference_key_layout():
