@@ -174,7 +174,7 @@ class ShortcutModule(L.LightningModule):
         batch = self._on_grid(batch)
         loss = self._objective(pred, batch)
         if "next_target" in batch:              # rollout: later steps start from our prediction
-            loss = loss + sum(self._objective(p, b) for p, b in self._rollout(pred, batch))
+            loss = loss + sum(self._objective(p, b, log=False) for p, b in self._rollout(pred, batch))
             loss = loss / (1 + batch["next_target"].shape[1])
             self.log("train/first_step_loss", self._loss(pred, batch))
         # Stop before a non-finite loss reaches the weights (they and the EMA would all turn NaN and
@@ -192,11 +192,13 @@ class ShortcutModule(L.LightningModule):
         self.log_dict({"train/loss": loss, "train/rel_err": rel_err.mean()}, prog_bar=True)
         return loss
 
-    def _objective(self, pred: torch.Tensor, batch) -> torch.Tensor:
+    def _objective(self, pred: torch.Tensor, batch, log: bool = True) -> torch.Tensor:
+        """Masked MSE, plus the weighted KL term; `train/kl` is the first step's."""
         loss = self._loss(pred, batch)
         if self.hparams.kl_weight:
             kl = self._kl(pred, batch)
-            self.log("train/kl", kl)
+            if log:
+                self.log("train/kl", kl)
             loss = loss + self.hparams.kl_weight * kl
         return loss
 
