@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 evaluate inception pareto clean
+.PHONY: setup data test test-all demo bench collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -88,13 +88,20 @@ classifier: setup
 	$(PY) -m migm export classifier $(RUNS)/base/classifier/last.ckpt --trained_with "make classifier"
 
 # The second embedded default, 14x14 = 196 tokens of 2x2-pixel patches (issue 17's regime lever):
-# its tokenizer (~10 min), then a 6-layer width-128 base (~3 h, resumable), both exported as
+# its tokenizer (~10 min), then a 6-layer width-128 base (~65 min, resumable), both exported as
 # tokenizer196.pt / base196.pt beside the first set.
 base196: setup
 	[ -f src/migm/assets/tokenizer196.pt ] || { $(PY) -m migm fit --config configs/base196/tokenizer.yaml && \
 	  $(PY) -m migm export tokenizer $(RUNS)/base196/tokenizer/last.ckpt --out src/migm/assets/tokenizer196.pt --trained_with "make base196"; }
 	$(PY) -m migm fit --config configs/base196/maskgit.yaml $$([ -f $(RUNS)/base196/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base196/maskgit/last.ckpt)
 	$(PY) -m migm export base $(RUNS)/base196/maskgit/last.ckpt --out src/migm/assets/base196.pt --trained_with "make base196"
+
+# Issue 17's regime study on it: record 1,000 trajectories, train its shortcut, evaluate
+# vanilla / shortcut / reuse on held-out seeds (docs/results.md, "The regime").
+regime196: setup
+	$(PY) -m migm collect --config configs/collect_tiny196.yaml
+	$(PY) -m migm fit --config configs/tiny196.yaml $$([ -f $(RUNS)/tiny196/checkpoints/last.ckpt ] && echo --ckpt_path $(RUNS)/tiny196/checkpoints/last.ckpt)
+	$(PY) -m migm test --config configs/tiny196.yaml --config experiments/regime196/heldout.yaml --ckpt_path $(RUNS)/tiny196/checkpoints/last.ckpt
 
 # Every method on the embedded default, one run, one machine, the same seeds (docs/results.md).
 pareto: setup

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from migm.accel.adaptive import AdaptiveShortcut
 from migm.accel.dllm_cache import DLLMCache, DLLMCacheConfig
 from migm.accel.method import Vanilla
 from migm.accel.ml_cache import MLCache, MLCacheConfig
@@ -186,6 +187,8 @@ def cases(N: int) -> dict:
                   lambda m: ReuseSource(m, RefreshPlan.uniform(N, N)),
                   [({"budgets": [N]}, "budgets")]),
         "shortcut": (lambda: Shortcut(steps=[N], budgets=[N // 3]), None, [({"budgets": [0]}, "budgets")]),
+        "adaptive": (lambda: AdaptiveShortcut(steps=[N], budgets=[N // 3], threshold=[0.3]), None,
+                     [({"budgets": [N]}, "budgets"), ({"threshold": [-1.0]}, "threshold")]),
         "taylorseer": (lambda: TaylorSeer(steps=[N], interval=[3], order=[2]),
                        lambda: TaylorSeer(steps=[N], interval=[1], order=[2]),
                        [({"interval": [N + 1]}, "interval"), ({"order": [-1]}, "order")]),
@@ -260,7 +263,7 @@ class Finite:
 @pytest.mark.parametrize("base_name,name", COMBOS)
 def test_contract(base_name, name, tiny, bases):
     model, N, enabled, disabled, bad = setup(base_name, name, tiny, bases)
-    shortcut = zero_shortcut(model) if name == "shortcut" else None
+    shortcut = zero_shortcut(model) if name in ("shortcut", "adaptive") else None
     vanilla, v_meter = run(model, VanillaSource(model), N)
     finite = Finite()
     out, meter = run(model, enabled(), N, shortcut=shortcut, observers=[finite])
