@@ -37,6 +37,11 @@ def export(kind: Literal["tokenizer", "base", "classifier", "shortcut"], checkpo
     if not state:
         raise CheckpointError(f"{checkpoint}: no weights under '{prefix}', is it a {kind} checkpoint?")
     config = ckpt["hyper_parameters"].get("network" if kind == "shortcut" else "config")
+    if isinstance(config, dict) and "class_path" in config:      # LightningCLI saved the choice
+        if kind == "shortcut" and config["class_path"] != "migm.shortcut.network.ShortcutConfig":
+            raise CheckpointError(f"{checkpoint}: export ships the embedded ShortcutNetwork; this "
+                                  f"checkpoint's network is {config['class_path']}")
+        config = config.get("init_args", {})
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
     out = Path(out) if out is not None else ASSET_DIR / f"{kind}.pt"
     exported_with = "python -m migm " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -177,3 +177,19 @@ def test_fit_with_rollout_runs_through_the_shipped_config(recorded, tmp_path, ma
     cfg = make_config(tmp_path, recorded, max_epochs=2)
     after = main(["fit", "--config", cfg, "--data.init_args.rollout", "3"]).trainer.callback_metrics
     assert "train/first_step_loss" in after and after["val/rel_err"] < 1.0
+
+
+def test_a_fitted_shortcut_exports_to_an_asset_that_loads(recorded, tmp_path, make_config):
+    """`migm export shortcut` of a LightningCLI fit, whose network hparam is saved as
+    {class_path, init_args} (it crashed loading: `unexpected keyword argument 'class_path'`)."""
+    from migm.commands import export
+    from migm.shortcut.module import load_shortcut
+
+    cli = main(["fit", "--config", make_config(tmp_path, recorded, max_epochs=1)])
+    out = export("shortcut", tmp_path / "run/checkpoints/last.ckpt", out=tmp_path / "assets/shortcut.pt")
+    loaded = load_shortcut(out).eval()
+    trained = cli.model.ema.eval()
+    assert loaded.config == trained.config
+    f, tokens = torch.randn(2, 49, trained.config.feature_dim), torch.randint(0, 256, (2, 49))
+    new, t = torch.rand(2, 49) < 0.2, torch.rand(2)
+    assert torch.allclose(loaded(f, tokens, new, t), trained(f, tokens, new, t), atol=1e-2, rtol=1e-2)
