@@ -159,7 +159,7 @@ def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "
                                                      disable=not trainer.is_global_zero))
     if trainer.is_global_zero:
         out = Path(out_dir) if out_dir else Path(trainer.default_root_dir) / prefix
-        samples = {f"{p.method} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}
+        samples = {f"{p.name} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}
         files = write_report(rows, samples, out)
         log_report(rows, files, trainer.loggers, trainer.global_step, prefix)
         print(format_table(rows))
