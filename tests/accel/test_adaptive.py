@@ -12,10 +12,11 @@ from migm.accel.refresh import RefreshPlan
 from migm.accel.shortcut import ShortcutSource
 from migm.sampling.loop import generate
 from migm.sampling.sampler import SamplerConfig
-from migm.shortcut.network import ShortcutConfig, ShortcutNetwork, time_input
+from migm.shortcut.network import time_input
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from test_layers import randomise  # noqa: E402
+from test_shortcut_source import _shortcut  # noqa: E402  (a non-trivial random shortcut)
 
 GUIDED = SamplerConfig(cfg_weight=1.5)            # two CFG branches: rows [cond; uncond]
 N, B = 8, 3
@@ -32,13 +33,7 @@ def small_migm(small_migm):
 
 @pytest.fixture
 def shortcut(small_migm):
-    torch.manual_seed(1)
-    net = ShortcutNetwork(ShortcutConfig(feature_dim=small_migm.feature_dim, vocab_size=small_migm.vocab_size,
-                                         num_tokens=small_migm.num_tokens, heads=2))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn_like(p))       # not the identity it is initialised to
-    return net.eval()
+    return _shortcut(small_migm)
 
 
 class RowCounter:
