@@ -38,7 +38,8 @@ class StepContext:
 
 class FeatureSource(Protocol):
     """Optionally also `step_temperature`: read after each call, it divides that step's guided
-    logits (an accelerator's calibration of the features it extrapolated; 1 when absent); and
+    logits (an accelerator's calibration of the features it extrapolated; 1 when absent), a
+    float or a (B, 1, 1) tensor where samples of one step differ (accel/adaptive.py); and
     `eligible`: read after each call, None or (B or branches*B, L) bool, the only positions this
     step may fill (ReCAP's group); the count filled stays the schedule's."""
 
