@@ -28,3 +28,27 @@ def small_migm() -> TinyMIGM:
 @pytest.fixture(scope="session")
 def shipped_migm() -> TinyMIGM:
     return TinyMIGM.from_assets()
+
+
+def record_steps(source) -> list:
+    """Every StepOutput the source hands the loop, in order (wraps the instance's `step`)."""
+    outputs, step = [], source.step
+
+    def recorded(ctx):
+        outputs.append(step(ctx))
+        return outputs[-1]
+    source.step = recorded
+    return outputs
+
+
+@pytest.fixture
+def applied_temperatures(monkeypatch) -> list:
+    """What the loop divides each step's guided logits by (1 on full steps), as it applies it."""
+    from migm.sampling import loop
+    seen, real = [], loop.skipped_step_temperature
+
+    def spy(out, tau):
+        seen.append(real(out, tau))
+        return seen[-1]
+    monkeypatch.setattr(loop, "skipped_step_temperature", spy)
+    return seen

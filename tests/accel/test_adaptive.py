@@ -17,6 +17,8 @@ from migm.shortcut.network import time_input
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 from test_layers import randomise  # noqa: E402
 from test_shortcut_source import _shortcut  # noqa: E402  (a non-trivial random shortcut)
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import record_steps  # noqa: E402
 
 GUIDED = SamplerConfig(cfg_weight=1.5)            # two CFG branches: rows [cond; uncond]
 N, B = 8, 3
@@ -56,6 +58,7 @@ class Decisions:
 
     def __init__(self, source, shortcut, threshold):
         self.source, self.shortcut, self.threshold = source, shortcut, threshold
+        self.outputs = record_steps(source)
         self.expected, self.got, self.temperatures = [], [], []
         self.drift = self.left = None
 
@@ -76,8 +79,7 @@ class Decisions:
             self.left -= expected.long()
             self.drift[expected] = 0
         self.expected.append(expected)
-        self.got.append(self.source.refreshed.clone())
-        self.temperatures.append(self.source.step_temperature.flatten().clone())
+        self.got.append(self.outputs[-1].full.clone())
 
 
 class Drifts:
@@ -89,17 +91,18 @@ class Drifts:
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1e9])
-def test_every_sample_spends_exactly_b_calls_where_its_drift_says(small_migm, shortcut, threshold):
+def test_every_sample_spends_exactly_b_calls_where_its_drift_says(small_migm, shortcut, threshold,
+                                                                  applied_temperatures):
     counter = RowCounter(small_migm)
     source = AdaptiveShortcutSource(counter, shortcut, N, B, threshold, temperature=1.3)
     seen = Decisions(source, shortcut, threshold)
     result = generate(small_migm, source, torch.arange(6) % 10, N, sampler=GUIDED, seed=2, observers=[seen])
     assert sum(counter.rows) == 2 * 6 * B                                  # B calls x 6 samples x 2 branches
-    assert result.counts == {"base_calls": B, "shortcut_calls": N - 1}
+    assert result.counts == {"base_calls": B, "shortcut_calls": N - 1, "base_flops_fraction": B / N}
     assert torch.stack(seen.got).sum(0).tolist() == [B] * 6
     assert all(torch.equal(g, e) for g, e in zip(seen.got, seen.expected))
-    for refreshed, temps in zip(seen.got, seen.temperatures):
-        assert torch.equal(temps, torch.where(refreshed, 1.0, 1.3))
+    for refreshed, temps in zip(seen.got, applied_temperatures):
+        assert torch.equal(temps.flatten(), torch.where(refreshed, 1.0, 1.3))
 
 
 def test_a_threshold_inside_the_drifts_splits_the_samples(small_migm, shortcut):

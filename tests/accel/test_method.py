@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from migm.accel.method import TemperedSource, Vanilla
+from migm.accel.method import Vanilla
 from migm.accel.reuse import Reuse
 from migm.accel.shortcut import Shortcut
 from migm.accel.taylorseer import TaylorSeer
@@ -42,29 +42,23 @@ def test_the_grid_refuses_a_reference_it_does_not_run_and_duplicate_points():
     assert [p.label for p in tagged.points()] == ["N8", "N16/B4", "N16/B4 t1.2"]
 
 
-def test_a_caches_temperature_divides_only_the_steps_it_approximates(small_migm):
-    """TaylorSeer at N=12, interval 4: full steps 1, 2, 6, 10; the others are forecasts."""
-    seen = []
-
-    class Spy(TemperedSource):
-        def __call__(self, ctx):
-            out = super().__call__(ctx)
-            seen.append((ctx.step, self.step_temperature))
-            return out
-
+def test_a_caches_temperature_divides_only_the_steps_it_approximates(small_migm, applied_temperatures):
+    """TaylorSeer at N=12, interval 4: full steps 1, 2, 6, 10; the others are forecasts. The
+    loop divides by the method's temperature exactly where the step's output is not full."""
+    seen = applied_temperatures
     method = TaylorSeer(steps=[12], interval=[4], order=[1], temperature=1.5)
     point = method.points()[0]
     source = point.source(small_migm)
-    assert isinstance(source, TemperedSource)
-    spy = Spy(source.source, 1.5)
+    assert source.temperature == 1.5
     cond = torch.arange(4) % 10
-    generate(small_migm, spy, cond, 12, seed=3)
-    full = [s for s, t in seen if t == 1.0]
-    assert full == [1, 2, 6, 10] and all(t == 1.5 for s, t in seen if s not in full)
+    tempered = generate(small_migm, source, cond, 12, seed=3)
+    full = [s for s, t in enumerate(seen, 1) if t == 1.0]
+    assert full == [1, 2, 6, 10] and all(t == 1.5 for s, t in enumerate(seen, 1) if s not in full)
     plain = generate(small_migm, TaylorSeer(steps=[12], interval=[4], order=[1]).points()[0].source(small_migm),
                      cond, 12, seed=3)
-    tempered = generate(small_migm, point.source(small_migm), cond, 12, seed=3)
-    assert plain.counts == tempered.counts
+    assert plain.counts == tempered.counts == {"base_calls": 4, "shortcut_calls": 0, "forecasts": 8,
+                                               "base_flops_fraction": 4 / 12}
+    assert not torch.equal(plain.tokens, tempered.tokens)
 
 
 def test_a_methods_own_schedule_overrides_the_grids(small_migm):

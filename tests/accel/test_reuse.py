@@ -16,7 +16,7 @@ def test_reuse_is_an_untrained_shortcut_without_its_calls(small_migm):
     a = generate(small_migm, ReuseSource(small_migm, plan), cond, 12, seed=2)
     b = generate(small_migm, ShortcutSource(small_migm, zero, plan), cond, 12, seed=2)
     assert torch.equal(a.tokens, b.tokens)
-    assert a.counts == {"base_calls": 4, "shortcut_calls": 0, "reused": 8}
+    assert a.counts == {"base_calls": 4, "shortcut_calls": 0, "reused": 8, "base_flops_fraction": 4 / 12}
 
 
 def test_reuse_and_shortcut_methods_expand_to_the_same_points():

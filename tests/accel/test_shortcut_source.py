@@ -22,7 +22,8 @@ def test_call_counts_are_b_and_n_minus_b(small_migm, steps, budget):
     plan = RefreshPlan.uniform(steps, budget)
     result = generate(small_migm, ShortcutSource(small_migm, _shortcut(small_migm), plan),
                       torch.arange(5) % 10, steps, seed=0)
-    assert result.counts == {"base_calls": budget, "shortcut_calls": steps - budget}
+    assert result.counts == {"base_calls": budget, "shortcut_calls": steps - budget,
+                             "base_flops_fraction": budget / steps}
     assert (result.tokens != small_migm.mask_id).all()
 
 
@@ -57,20 +58,11 @@ def test_mismatched_plan_or_width_is_refused(small_migm):
         generate(small_migm, source, torch.arange(2), 6)
 
 
-class _Recorder:
-    def __init__(self, source):
-        self.source, self.seen = source, []
-
-    def on_step(self, ctx, features, new_tokens, revealed):
-        self.seen.append((ctx.step, self.source.step_temperature))
-
-
-def test_temperature_applies_on_shortcut_steps_only(small_migm):
+def test_temperature_applies_on_shortcut_steps_only(small_migm, applied_temperatures):
     plan = RefreshPlan.uniform(8, 3)
     source = ShortcutSource(small_migm, _shortcut(small_migm), plan, temperature=1.3)
-    rec = _Recorder(source)
-    generate(small_migm, source, torch.arange(4) % 10, 8, seed=0, observers=[rec])
-    assert rec.seen == [(i, 1.0 if plan.uses_base(i) else 1.3) for i in range(1, 9)]
+    generate(small_migm, source, torch.arange(4) % 10, 8, seed=0)
+    assert applied_temperatures == [1.0 if plan.uses_base(i) else 1.3 for i in range(1, 9)]
     cold = generate(small_migm, ShortcutSource(small_migm, _shortcut(small_migm), plan), torch.arange(4) % 10, 8, seed=0)
     hot = generate(small_migm, source, torch.arange(4) % 10, 8, seed=0)
     assert not torch.equal(cold.tokens, hot.tokens)

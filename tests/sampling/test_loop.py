@@ -34,7 +34,7 @@ def test_reveals_exactly_the_schedule_and_never_changes_a_token(small_migm, step
     assert (out.tokens != small_migm.mask_id).all()
     assert torch.equal(out.tokens, prev)
     assert out.decode_step.min() == 1 and out.decode_step.max() == steps
-    assert out.counts == {"base_calls": steps, "shortcut_calls": 0}
+    assert out.counts == {"base_calls": steps, "shortcut_calls": 0, "base_flops_fraction": 1.0}
 
 
 def test_deterministic_under_seed_and_seed_matters(small_migm):
@@ -66,11 +66,20 @@ def test_gumbel_noise_is_finite_and_standard():
 
 
 class _HotVanilla(VanillaSource):
-    step_temperature = 2.0          # a source asking for temperature 2 at every step
+    """The base's features, reported as a skipped step at temperature 2 every step."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.temperature = 2.0
+
+    def step(self, ctx):
+        out = super().step(ctx)
+        out.full = False
+        return out
 
 
 def test_source_step_temperature_divides_the_logits(small_migm):
-    """A source's step_temperature must act exactly like the sampler's temperature."""
+    """A skipped step's temperature must act exactly like the sampler's temperature."""
     cond = torch.arange(6) % 10
     a = generate(small_migm, _HotVanilla(small_migm), cond, 6, seed=4)
     b = generate(small_migm, VanillaSource(small_migm), cond, 6, seed=4, sampler=SamplerConfig(temperature=2.0))

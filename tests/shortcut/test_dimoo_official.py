@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from migm.accel.refresh import RefreshPlan
-from migm.accel.sequence import SequenceShortcutSource, shortcut_source
+from migm.accel.sequence import SequenceShortcutSource
+from migm.accel.shortcut import shortcut_source
 from migm.models.assets import CheckpointError
 from migm.models.registry import load_base
 from migm.sampling.loop import generate
@@ -317,7 +318,7 @@ def test_generate_feeds_each_branch_as_generate_image_shortcut(dimoo):
                        sampler=SamplerConfig(cfg_weight=4.0), observers=[trace])
     finally:
         del net.step
-    assert out.counts == {"base_calls": 2, "shortcut_calls": 4} and len(calls) == 4
+    assert out.counts == {"base_calls": 2, "shortcut_calls": 4, "base_flops_fraction": 2 / 6} and len(calls) == 4
     assert (out.tokens >= 0).all() and (out.tokens < model.vocab_size).all()
     mask = torch.full((2, L), model.mask_id)
     wte = t["model.transformer.wte.weight"]
@@ -346,7 +347,7 @@ def test_generate_feeds_each_branch_as_generate_image_shortcut(dimoo):
 def test_fed_positions_follow_no_prompt_and_a_missing_table_is_named():
     """Rows [cond (prompt of 3, T 9); uncond (prompt of 2, T 8, one padding)], grid from index
     prompt + 2 (<answer><boi>): no_prompt feeds the new image tokens only, in both rows."""
-    from migm.accel.sequence import SequenceStep
+    from migm.shortcut.sequence import SequenceStep
 
     new = torch.zeros(2, 9, dtype=torch.bool)
     new[0, 6], new[1, 5] = True, True

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from migm.accel.refresh import RefreshPlan
-from migm.accel.sequence import SequenceShortcutSource, shortcut_source
+from migm.accel.sequence import SequenceShortcutSource
+from migm.accel.shortcut import shortcut_source
 from migm.accel.shortcut import ShortcutSource
 from migm.models.assets import CheckpointError
 from migm.models.maskgit import MaskGITConfig, MaskGITMIGM, MaskGITTransformer, VQGANDecoder
@@ -325,7 +326,7 @@ def test_generate_runs_the_imported_shortcut_on_the_full_state(tmp_path, maskgit
     cond = torch.tensor([0, 3, 4])
     out = generate(maskgit, source, cond, 6, sampler=SamplerConfig(cfg_weight=2.0), seed=0,
                    observers=[record])
-    assert out.counts == {"base_calls": 2, "shortcut_calls": 4}
+    assert out.counts == {"base_calls": 2, "shortcut_calls": 4, "base_flops_fraction": 2 / 6}
     assert (out.tokens < 16).all() and out.decode_step.min() == 1 and out.decode_step.max() == 6
     for i, (ctx, seen, state) in enumerate(record.steps, start=1):
         assert state.shape == (6, 17, 32) and torch.equal(seen, state[:, :16])

@@ -19,9 +19,8 @@ from typing import ClassVar
 import torch
 
 from migm.accel.method import Method
-from migm.accel.refresh import RefreshPlan
-from migm.accel.shortcut import ShortcutSource
-from migm.sampling.loop import StepContext
+from migm.accel.shortcut import shortcut_step
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
 
 def predicted_change(prev: torch.Tensor, predicted: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -32,60 +31,47 @@ def predicted_change(prev: torch.Tensor, predicted: torch.Tensor, masked: torch.
     return change / (prev * keep).flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
-class AdaptiveShortcutSource(ShortcutSource):
+class AdaptiveShortcutSource(FeatureSource):
     """The shortcut between base calls whose timing each sample chooses (see the module).
 
-    After each call `step_temperature` is (B, 1, 1): `temperature` for the samples the shortcut
-    served, 1 for those the base did; `refreshed` (B,) bool says which were refreshed.
-    """
+    Each step's output says per sample whether the base served it (`full`, (B,) bool), so the
+    loop tempers exactly the samples the shortcut served and counts base calls per sample."""
 
     def __init__(self, model, shortcut, steps: int, budget: int, threshold: float,
                  temperature: float = 1.0) -> None:
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
-        # the plan only carries N and B here: the steps are chosen per sample as it runs
-        super().__init__(model, shortcut, RefreshPlan.uniform(steps, budget), temperature)
+        if shortcut.config.feature_dim != model.feature_dim:
+            raise ValueError(f"shortcut feature_dim {shortcut.config.feature_dim} != base model "
+                             f"feature_dim {model.feature_dim}")
+        super().__init__(temperature)
+        self.model, self.shortcut, self.steps = model, shortcut, steps
         self.budget, self.threshold = budget, threshold
         self.reset()
 
     def reset(self) -> None:
-        super().reset()
-        self.left = self.drift = self.refreshed = None   # (B,) calls left, drift, this step's choice
-        self.sample_calls = self.samples = 0             # base calls summed over samples; B
+        self.left = self.drift = None                    # (B,) base calls left, drift since the last
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.plan.steps:
-            raise ValueError(f"adaptive refresh is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
+    def step(self, ctx: StepContext) -> StepOutput:
         n, device = len(ctx.tokens) // ctx.branches, ctx.tokens.device
         if ctx.prev_features is None:                     # step 1: every sample needs the base
             self.left = torch.full((n,), self.budget - 1, device=device)
             self.drift = torch.zeros(n, device=device)
-            self.refreshed = torch.ones(n, dtype=torch.bool, device=device)
-            self.samples, self.sample_calls, self.base_calls = n, n, 1
-            self.step_temperature = torch.ones(n, 1, 1, device=device)
-            return self.model.features(ctx.tokens, ctx.cond)
-        predicted = self.between(ctx)                                               # (R, L, D)
+            return StepOutput(self.model.features(ctx.tokens, ctx.cond),
+                              full=torch.ones(n, dtype=torch.bool, device=device))
+        predicted = shortcut_step(self.shortcut, ctx)                               # (R, L, D)
         change = predicted_change(ctx.prev_features, predicted, ctx.tokens == self.model.mask_id)
         self.drift += change.view(ctx.branches, n).mean(0)                          # (B,)
         steps_left = ctx.steps - ctx.step + 1                                       # this one included
         call = (self.left > 0) & ((self.drift >= self.threshold) | (self.left >= steps_left))
         features = predicted
-        if call.any():
+        if call.any():          # the one host sync of this method: the base runs on a subset
             rows = call.repeat(ctx.branches)              # both CFG branches of a chosen sample
             features = predicted.clone()
             features[rows] = self.model.features(ctx.tokens[rows], ctx.cond[rows])
-            self.left -= call.long()
-            self.drift[call] = 0
-            self.sample_calls += int(call.sum())
-        self.skipped += 1
-        self.base_calls = round(self.sample_calls / self.samples)
-        self.refreshed = call
-        self.step_temperature = torch.where(call, 1.0, self.temperature).view(n, 1, 1)
-        return features
-
-    def counts(self) -> dict[str, int]:
-        """Per generation: base calls per sample (exactly B once it has run), shortcut calls."""
-        return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}
+        self.left -= call.long()
+        self.drift = torch.where(call, 0.0, self.drift)
+        return StepOutput(features, full=call, kind="shortcut_calls")
 
 
 @dataclass

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from migm.accel.refresh import PlannedSource
-from migm.sampling.loop import StepContext, generate
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput, generate
 from migm.sampling.sampler import SamplerConfig, guide
 
 # tau candidates: geometric from 0.5 to 4 (ratio ~1.044); 1.0 and 2.0 lie on the grid
@@ -42,21 +41,20 @@ def kl_by_temperature(target: torch.Tensor, approx: torch.Tensor,
     return out
 
 
-class CalibrationProbe:
-    """Wraps a PlannedSource: on each step it does not give the base, also runs the base at the
-    same grid and adds that step's KL-by-temperature curve to `kl[step]`."""
+class CalibrationProbe(FeatureSource):
+    """Wraps a source: on each step it does not compute in full, also runs the base at the same
+    grid and adds that step's KL-by-temperature curve to `kl[step]`; it samples as the source
+    would (its temperature, its eligible positions)."""
 
-    def __init__(self, source: PlannedSource, model, sampler: SamplerConfig,
+    def __init__(self, source: FeatureSource, model, sampler: SamplerConfig,
                  taus: torch.Tensor = TEMPERATURES) -> None:
+        super().__init__(source.temperature)
         self.source, self.model, self.sampler, self.taus = source, model, sampler, taus
+        self.steps, self.step_temperatures = source.steps, source.step_temperatures
         self.kl: dict[int, torch.Tensor] = {}
-        self.step_temperature, self.eligible = 1.0, None
 
     def reset(self) -> None:
         self.source.reset()
-
-    def counts(self) -> dict:
-        return self.source.counts()
 
     def _scaled_guided(self, features: torch.Tensor, ctx: StepContext, positions: torch.Tensor):
         stacked = positions.repeat(ctx.branches, 1)                            # (branches*B, M)
@@ -65,12 +63,10 @@ class CalibrationProbe:
         guided = guide(logits, self.sampler.guidance_weight(ctx.step, ctx.steps), ctx.branches)
         return guided.float() * self.sampler.logit_scale / self.sampler.temperature  # (B, M, K)
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        before = self.source.base_calls
-        features = self.source(ctx)                                       # (branches*B, L, D)
-        self.step_temperature = self.source.step_temperature
-        self.eligible = getattr(self.source, "eligible", None)
-        if self.source.base_calls == before:                              # an approximated step
+    def step(self, ctx: StepContext) -> StepOutput:
+        out = self.source.step(ctx)
+        features = out.features                                           # (branches*B, L, D)
+        if out.full is False:                                             # an approximated step
             exact = self.model.features(ctx.tokens, ctx.cond)
             rows = len(ctx.tokens) // ctx.branches
             masked = ctx.tokens[:rows] == self.model.mask_id                  # (B, L)
@@ -78,10 +74,10 @@ class CalibrationProbe:
             curve = kl_by_temperature(self._scaled_guided(exact, ctx, positions),
                                       self._scaled_guided(features, ctx, positions), self.taus)
             self.kl[ctx.step] = self.kl.get(ctx.step, 0) + curve
-        return features
+        return out
 
 
-def fit_step_temperatures(model, source: PlannedSource, cond: torch.Tensor, steps: int, *,
+def fit_step_temperatures(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
                           schedule: str, sampler: SamplerConfig, seed: int, batch_size: int = 250,
                           taus: torch.Tensor = TEMPERATURES) -> dict[int, float]:
     """{step: tau} for every step the source approximates, over the conditions `cond` (generated

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from migm.accel.method import Method
-from migm.models.layers import FlopLedger, attend, full_layer, gather_rows, put_rows
-from migm.sampling.loop import StepContext
+from migm.models.layers import attend, cached_forward, flop_share, gather_rows, put_rows
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
 
 @dataclass
@@ -70,45 +70,35 @@ class DLLMCacheConfig:
         return (step - 1) % self.prompt_interval == 0, (step - 1) % self.gen_interval == 0
 
 
-class DLLMCacheSource:
+class DLLMCacheSource(FeatureSource):
     def __init__(self, model, config: DLLMCacheConfig, steps: int) -> None:
+        super().__init__()
         config.check_steps(steps)
         self.model, self.config, self.steps = model, config, steps
-        self.ledger = FlopLedger()
         self.reset()
 
     def reset(self) -> None:
-        self.base_calls = self.partial = 0
-        self.cache: list[dict[str, torch.Tensor]] = []
-        self.ledger.reset()
+        self.cache: list[dict[str, torch.Tensor]] = []    # per layer: k, v, attn, mlp
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.steps:
-            raise ValueError(f"dLLM-Cache was built for N={self.steps} steps, the loop runs {ctx.steps}")
+    def step(self, ctx: StepContext) -> StepOutput:
         m = self.model
         s = m.embed_sequence(ctx.tokens, ctx.cond)
         shape, (B, T) = m.layer_shape(), s.hidden.shape[:2]
         refresh_ctx, refresh_gen = self.config.refreshes(ctx.step)
         refresh_ctx = refresh_ctx or s.context.shape[1] == 0
-        self.ledger.step(shape, s)
         if (refresh_ctx and refresh_gen) or not self.cache:
-            self.base_calls += 1
-            pe, h, self.cache = m.position_encoding(s.rows), s.hidden, []
-            for layer in m.layers():
-                out = full_layer(layer, h, pe, s.key_mask)
-                self.cache.append({"k": out.k, "v": out.v, "attn": out.attn, "mlp": out.mlp})
-                h = out.hidden
-            self.ledger.add(shape.call(B, T, s.grid.shape[1]))
-            return m.final(gather_rows(h, s.grid))
-        self.partial += 1
-        h = s.hidden
+            h, self.cache = cached_forward(m, s, keep=("k", "v", "attn", "mlp"))
+            return StepOutput(m.final(gather_rows(h, s.grid)))
+        h, spent = s.hidden, B * (T * shape.embed_row + s.grid.shape[1] * shape.final_row)
         for layer, c in zip(m.layers(), self.cache):
-            h = self._layer(layer, c, h, s, refresh_ctx, refresh_gen, shape)
-        self.ledger.add(B * (T * shape.embed_row + s.grid.shape[1] * shape.final_row))
-        return m.final(gather_rows(h, s.grid))
+            h, flops = self._layer(layer, c, h, s, refresh_ctx, refresh_gen, shape)
+            spent += flops
+        return StepOutput(m.final(gather_rows(h, s.grid)), full=False, kind="partial_steps",
+                          base_flops=flop_share(shape, s, spent))
 
     def _layer(self, layer, c: dict, h: torch.Tensor, s, refresh_ctx: bool, refresh_gen: bool,
-               shape) -> torch.Tensor:
+               shape) -> tuple[torch.Tensor, int]:
+        """One layer's partial step; returns its output rows and the FLOPs it spent."""
         m, B, T = self.model, h.shape[0], h.shape[1]
         x = layer.attn_input(h)                                                  # (B, T, D)
         queries, rows = [], []                                                   # rows recomputed
@@ -141,12 +131,7 @@ class DLLMCacheSource:
             put_rows(c["mlp"], fresh, layer.mlp_branch(gather_rows(h, fresh)))
             R = fresh.shape[1]
             flops += shape.attention(R, T) + shape.out(R) + shape.mlp(R)
-        self.ledger.add(B * flops)
-        return h + c["mlp"]
-
-    def counts(self) -> dict[str, float]:
-        return {"base_calls": self.base_calls, "partial_steps": self.partial,
-                "base_flops_fraction": self.ledger.fraction}
+        return h + c["mlp"], B * flops
 
 
 @dataclass

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from migm.accel.refresh import RefreshPlan
-from migm.sampling.loop import VanillaSource
+from migm.accel.refresh import PLANS, PlanName, RefreshPlan
+from migm.sampling.loop import FeatureSource, VanillaSource
+from migm.sampling.schedule import COUNT_SCHEDULES, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -42,42 +43,11 @@ class GridPoint:
         return {"steps": self.steps, **dict(self.knobs)}
 
     def source(self, model, shortcut=None):
-        """A fresh feature source for this setting; a method's `temperature` applies to the steps
-        its source does not compute with a full base call (PlannedSource does so itself)."""
-        from migm.accel.refresh import PlannedSource
+        """A fresh feature source for this setting, with the method's skipped-step temperature
+        (the loop applies it wherever the source did not make a full base call)."""
         source = self.method.source(model, shortcut, **self.values)
-        if self.method.temperature != 1.0 and not isinstance(source, PlannedSource):
-            source = TemperedSource(source, self.method.temperature)
+        source.temperature = self.method.temperature
         return source
-
-
-class TemperedSource:
-    """Any feature source, with its approximated steps' logits divided by `temperature`.
-
-    A step counts as approximated when the source's `base_calls` did not grow during it (a cache's
-    partial or forecast step). Extrapolated or stale features are over-confident (docs/results.md:
-    the skipped-step temperature measured for reuse and the shortcut), so every training-free
-    method gets the same knob: no method wins on another's handicap."""
-
-    def __init__(self, source, temperature: float) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (1 = off), got {temperature}")
-        self.source, self.temperature = source, temperature
-        self.step_temperature, self.eligible = 1.0, None
-
-    def reset(self) -> None:
-        self.source.reset()
-
-    def __call__(self, ctx):
-        before = self.source.counts()["base_calls"]
-        features = self.source(ctx)
-        full = self.source.counts()["base_calls"] > before
-        self.step_temperature = getattr(self.source, "step_temperature", 1.0) * (1.0 if full else self.temperature)
-        self.eligible = getattr(self.source, "eligible", None)
-        return features
-
-    def counts(self) -> dict:
-        return self.source.counts()
 
 
 @dataclass
@@ -127,10 +97,9 @@ class Method:
         """Raise ValueError naming the field if this setting cannot apply."""
         if steps < 1:
             raise ValueError(f"{type(self).__name__}.steps: N must be >= 1, got {steps}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:                       # NaN fails this too
             raise ValueError(f"{type(self).__name__}.temperature: must be > 0 (1 = off), got {self.temperature}")
         if self.schedule is not None:
-            from migm.sampling.schedule import COUNT_SCHEDULES, SCHEDULES
             if self.schedule not in SCHEDULES | COUNT_SCHEDULES:
                 raise ValueError(f"{type(self).__name__}.schedule: one of "
                                  f"{sorted(SCHEDULES | COUNT_SCHEDULES)} or null, got {self.schedule!r}")
@@ -138,7 +107,7 @@ class Method:
     def label(self, steps: int, **knobs) -> str:
         return f"N{steps}"
 
-    def source(self, model, shortcut, steps: int, **knobs):
+    def source(self, model, shortcut, steps: int, **knobs) -> FeatureSource:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
@@ -160,9 +129,6 @@ class Vanilla(Method):
 
     def source(self, model, shortcut, steps: int, **knobs):
         return VanillaSource(model)
-
-
-PlanName = Literal["uniform", "front_loaded", "official"]
 
 
 @dataclass
@@ -196,8 +162,8 @@ class PlannedMethod(Method):
                              f"N={steps} (at B = N every step is a base step: that is vanilla)")
         if self.plan_power < 1:
             raise ValueError(f"{cls}.plan_power: must be >= 1 (1 = uniform), got {self.plan_power}")
-        if self.plan not in ("uniform", "front_loaded", "official"):
-            raise ValueError(f"{cls}.plan: must be uniform, front_loaded or official, got {self.plan!r}")
+        if self.plan not in PLANS:
+            raise ValueError(f"{cls}.plan: must be one of {', '.join(PLANS)}, got {self.plan!r}")
         if self.calibrate < 0:
             raise ValueError(f"{cls}.calibrate: the number of calibration samples, >= 0 (0 = off), "
                              f"got {self.calibrate}")
@@ -206,8 +172,4 @@ class PlannedMethod(Method):
         return f"N{steps}/B{budgets}"
 
     def refresh_plan(self, steps: int, budget: int) -> RefreshPlan:
-        if self.plan == "official":
-            return RefreshPlan.official(steps, budget)
-        if self.plan == "front_loaded":
-            return RefreshPlan.front_loaded(steps, budget, self.plan_power)
-        return RefreshPlan.uniform(steps, budget)
+        return RefreshPlan.named(self.plan, steps, budget, self.plan_power)

@@ -35,8 +35,8 @@ from typing import ClassVar
 import torch
 
 from migm.accel.method import Method
-from migm.models.layers import FlopLedger, attend, full_layer, gather_rows, put_rows
-from migm.sampling.loop import StepContext
+from migm.models.layers import cached_forward, flop_share, gather_rows, put_rows, rows_forward
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
 
 @dataclass
@@ -80,58 +80,42 @@ class MLCacheConfig:
         return int(torch.floor(q * torch.tensor(rows - 1, dtype=torch.float32))) + 1
 
 
-class MLCacheSource:
+class MLCacheSource(FeatureSource):
     def __init__(self, model, config: MLCacheConfig, steps: int) -> None:
+        super().__init__()
         config.check_steps(steps)
         self.model, self.config, self.steps = model, config, steps
         self.refresh = frozenset(config.refresh_steps(steps))
-        self.ledger = FlopLedger()
         self.reset()
 
     def reset(self) -> None:
-        self.base_calls = self.partial = 0
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache: list[dict[str, torch.Tensor]] = []   # per layer: k, v of every row
         self.rows_out: torch.Tensor | None = None   # (B, T, D) final features of every row
         self.conf: torch.Tensor | None = None       # (B, T) largest code logit of every row
-        self.ledger.reset()
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.steps:
-            raise ValueError(f"ML-Cache was built for N={self.steps} steps, the loop runs {ctx.steps}")
+    def step(self, ctx: StepContext) -> StepOutput:
         m = self.model
         s = m.embed_sequence(ctx.tokens, ctx.cond)
         shape, (B, T), L = m.layer_shape(), s.hidden.shape[:2], s.grid.shape[1]
-        self.ledger.step(shape, s)
         rank_next = ctx.step < self.steps and ctx.step + 1 not in self.refresh
         if ctx.step in self.refresh or self.conf is None:
-            self.base_calls += 1
-            pe, h, self.kv = m.position_encoding(s.rows), s.hidden, []
-            for layer in m.layers():
-                out = full_layer(layer, h, pe, s.key_mask)
-                self.kv.append((out.k, out.v))
-                h = out.hidden
+            h, self.cache = cached_forward(m, s)
             self.rows_out = m.final(h)                                          # (B, T, D)
-            self.ledger.add(shape.call(B, T, L) + B * (T - L) * shape.final_row)
+            spent = shape.call(B, T, L) + B * (T - L) * shape.final_row
             if rank_next:
                 self.conf = self._confidence(self.rows_out, s.rows, s)
-                self.ledger.add(B * shape.head(T))
-            return gather_rows(self.rows_out, s.grid)
-        self.partial += 1
+                spent += B * shape.head(T)
+            return StepOutput(gather_rows(self.rows_out, s.grid), base_flops=flop_share(shape, s, spent))
         rows = self._pick(s)                                                     # (B, R)
         R = rows.shape[1]
-        pe, h = m.position_encoding(rows), gather_rows(s.hidden, rows)
-        for layer, (K, V) in zip(m.layers(), self.kv):
-            q, k, v = layer.project(layer.attn_input(h), pe)
-            put_rows(K, rows, k, dim=2), put_rows(V, rows, v, dim=2)
-            h = h + layer.project_attn(attend(q, K, V, s.key_mask))
-            h = h + layer.mlp_branch(h)
-        fresh = m.final(h)
+        fresh = m.final(rows_forward(m, s, rows, self.cache))
         put_rows(self.rows_out, rows, fresh)
-        self.ledger.add(B * (T * shape.embed_row + shape.depth * shape.layer(R, T) + R * shape.final_row))
+        spent = B * (T * shape.embed_row + shape.depth * shape.layer(R, T) + R * shape.final_row)
         if rank_next:
             put_rows(self.conf, rows, self._confidence(fresh, rows, None))
-            self.ledger.add(B * shape.head(R))
-        return gather_rows(self.rows_out, s.grid)
+            spent += B * shape.head(R)
+        return StepOutput(gather_rows(self.rows_out, s.grid), full=False, kind="partial_steps",
+                          base_flops=flop_share(shape, s, spent))
 
     def _confidence(self, features: torch.Tensor, rows: torch.Tensor, s) -> torch.Tensor:
         conf = self.model.row_logits(features, rows).float().amax(-1)           # (B, M)
@@ -143,13 +127,9 @@ class MLCacheSource:
         """The rows to recompute: the lowest confidences, as many as the reference's quantile
         keeps for the longest row."""
         B, T = self.conf.shape
-        real = s.key_mask.sum(1) if s.key_mask is not None else torch.full((B,), T)
+        real = s.key_mask.sum(1).tolist() if s.key_mask is not None else [T]
         n = max(self.config.recompute_count(int(t)) for t in real)
         return self.conf.topk(n, dim=-1, largest=False).indices                 # (B, n)
-
-    def counts(self) -> dict[str, float]:
-        return {"base_calls": self.base_calls, "partial_steps": self.partial,
-                "base_flops_fraction": self.ledger.fraction}
 
 
 @dataclass

@@ -41,8 +41,8 @@ from typing import ClassVar
 import torch
 
 from migm.accel.method import Method
-from migm.models.layers import FlopLedger, attend, full_layer, gather_rows, put_rows
-from migm.sampling.loop import StepContext
+from migm.models.layers import cached_forward, flop_share, gather_rows, put_rows, rows_forward
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 from migm.sampling.sampler import gumbel
 
 
@@ -97,75 +97,57 @@ class ReCAPConfig:
         return groups
 
 
-class ReCAPSource:
+class ReCAPSource(FeatureSource):
     def __init__(self, model, config: ReCAPConfig, steps: int) -> None:
+        super().__init__()
         config.check_steps(steps)
         self.model, self.config, self.steps = model, config, steps
         self.groups = config.groups(steps)
         self.group_of = {s: (g, j) for g, group in enumerate(self.groups) for j, s in enumerate(group)}
-        self.ledger = FlopLedger()
         self.reset()
 
     def reset(self) -> None:
-        self.base_calls = self.local_steps = 0
-        self.eligible: torch.Tensor | None = None
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache: list[dict[str, torch.Tensor]] = []   # per layer: k, v at the group's full step
         self.order: torch.Tensor | None = None     # (rows, n) grid positions of G, ranked
         self.chunks: list[int] = []                # offsets of each step's chunk in `order`
         self.features: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
-        self.ledger.reset()
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.steps:
-            raise ValueError(f"ReCAP was built for N={self.steps} steps, the loop runs {ctx.steps}")
+    def step(self, ctx: StepContext) -> StepOutput:
         if len(ctx.schedule) != self.steps + 1:
             raise ValueError("ReCAP needs the loop's step schedule (StepContext.schedule)")
         g, j = self.group_of[ctx.step]
-        if j == 0:
-            f = self._full(ctx, g)
-        else:
-            f = self._local(ctx)
-        group = self.groups[g]
-        if len(group) == 1:
-            self.eligible = None                     # a lone full step: the sampler's own choice
-        else:
+        out = self._full(ctx, g) if j == 0 else self._local(ctx)
+        if len(self.groups[g]) > 1:                   # a lone full step: the sampler's own choice
             chunk = self.order[:, self.chunks[j]:self.chunks[j + 1]]
-            self.eligible = torch.zeros_like(ctx.tokens, dtype=torch.bool).scatter_(1, chunk, True)
-        return f
+            out.eligible = torch.zeros_like(ctx.tokens, dtype=torch.bool).scatter_(1, chunk, True)
+        return out
 
-    def _full(self, ctx: StepContext, g: int) -> torch.Tensor:
-        self.base_calls += 1
+    def _full(self, ctx: StepContext, g: int) -> StepOutput:
         m = self.model
         s = m.embed_sequence(ctx.tokens, ctx.cond)
-        pe, h = m.position_encoding(s.rows), s.hidden
-        self.kv = []
-        for layer in m.layers():
-            out = full_layer(layer, h, pe, s.key_mask)
-            self.kv.append((out.k, out.v))
-            h = out.hidden
+        h, self.cache = cached_forward(m, s)
         f = m.final(gather_rows(h, s.grid))
         shape = m.layer_shape()
-        self.ledger.step(shape, s)
-        self.ledger.add(shape.call(len(h), h.shape[1], s.grid.shape[1]))
+        spent = shape.call(len(h), h.shape[1], s.grid.shape[1])
         self.features = f
         group = self.groups[g]
         if len(group) > 1:
-            self._rank(ctx, f, g, group)
-        return f
+            spent += self._rank(ctx, f, g, group)
+        return StepOutput(f, base_flops=flop_share(shape, s, spent))
 
-    def _rank(self, ctx: StepContext, f: torch.Tensor, g: int, group: list[int]) -> None:
-        """Fix G and its chunk order from the full step's logits (the reference's confidence)."""
+    def _rank(self, ctx: StepContext, f: torch.Tensor, g: int, group: list[int]) -> int:
+        """Fix G and its chunk order from the full step's logits (the reference's confidence);
+        returns the FLOPs of the ranking's head."""
         if self.generator is None:
             self.generator = torch.Generator(device=f.device).manual_seed(ctx.seed + 0x5EC4)
         B = len(ctx.tokens) // ctx.branches
         tokens = ctx.tokens[:B]
         masked = tokens == self.model.mask_id
-        M = int(masked[0].sum())
+        M = ctx.schedule[ctx.step - 1]                                           # masked per row
         pos = masked.nonzero()[:, 1].view(B, M)                                  # (B, M)
         feats = gather_rows(f[:B], pos)
         logp = torch.log_softmax(self.model.head(feats, positions=pos).float(), -1)  # (B, M, K)
-        self.ledger.add(B * self.model.layer_shape().head(M))                   # the ranking's head
         drawn = (logp + gumbel(logp.shape, self.generator, logp.device)).argmax(-1)
         score = logp.gather(-1, drawn[..., None]).squeeze(-1)                    # (B, M)
         scale = self.config.choice_temperature * (1 - (g + 1) / len(self.groups))
@@ -178,29 +160,19 @@ class ReCAPSource:
         self.chunks = [0]
         for r in reveals:
             self.chunks.append(self.chunks[-1] + r)
+        return B * self.model.layer_shape().head(M)
 
-    def _local(self, ctx: StepContext) -> torch.Tensor:
-        self.local_steps += 1
+    def _local(self, ctx: StepContext) -> StepOutput:
         m = self.model
         s = m.embed_sequence(ctx.tokens, ctx.cond)
         rows = s.grid.gather(1, self.order)                                      # (rows, n) sequence rows
-        pe, h = m.position_encoding(rows), gather_rows(s.hidden, rows)
-        shape, n, T = m.layer_shape(), rows.shape[1], s.hidden.shape[1]
-        for layer, (K, V) in zip(m.layers(), self.kv):
-            q, k, v = layer.project(layer.attn_input(h), pe)
-            put_rows(K, rows, k, dim=2), put_rows(V, rows, v, dim=2)            # G's rows are fresh
-            h = h + layer.project_attn(attend(q, K, V, s.key_mask))
-            h = h + layer.mlp_branch(h)
+        h = rows_forward(m, s, rows, self.cache)                                 # G's rows are fresh
         f = self.features.clone()
         put_rows(f, self.order, m.final(h))
         self.features = f
-        self.ledger.step(shape, s)
-        self.ledger.add(len(h) * (T * shape.embed_row + shape.depth * shape.layer(n, T) + n * shape.final_row))
-        return f
-
-    def counts(self) -> dict[str, float]:
-        return {"base_calls": self.base_calls, "local_steps": self.local_steps,
-                "base_flops_fraction": self.ledger.fraction}
+        shape, n, T = m.layer_shape(), rows.shape[1], s.hidden.shape[1]
+        spent = len(h) * (T * shape.embed_row + shape.depth * shape.layer(n, T) + n * shape.final_row)
+        return StepOutput(f, full=False, kind="local_steps", base_flops=flop_share(shape, s, spent))
 
 
 @dataclass

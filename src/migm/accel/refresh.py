@@ -16,11 +16,15 @@ on the float N * (k / B); it asserts B >= 2 and that B steps result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
-PLANS = ("uniform", "official", "front_loaded")
+
+PlanName = Literal["uniform", "front_loaded", "official"]
+PLANS: tuple[str, ...] = get_args(PlanName)
 
 
 @dataclass(frozen=True)
@@ -102,38 +106,24 @@ class RefreshPlan:
         return step in self.base_steps
 
 
-class PlannedSource:
+class PlannedSource(FeatureSource):
     """A feature source that runs the base at the plan's steps and `between(ctx)` at the others;
-    subclasses say what happens between base steps (a learned shortcut, plain reuse, ...).
+    subclasses say what happens between base steps (a learned shortcut, plain reuse, ...) and
+    which counter those steps add to (`kind`)."""
 
-    `temperature` divides the guided logits on the steps it does not give to the base: a
-    regression-trained shortcut predicts the mean of the possible next features, and logits of a
-    mean are sharper than the mean of the logits, so its samples lose diversity unless tempered
-    (README: measured). The loop reads `step_temperature` after each call. `step_temperatures`
-    ({step: temperature}, accel/calibration.py) overrides it at the steps it names.
-    """
+    kind = "shortcut_calls"
 
     def __init__(self, model, plan: RefreshPlan, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.model, self.plan, self.temperature = model, plan, temperature
-        self.base_calls = self.skipped = 0
-        self.step_temperature = 1.0
-        self.step_temperatures: dict[int, float] = {}
+        super().__init__(temperature)
+        self.model, self.plan, self.steps = model, plan, plan.steps
 
-    def reset(self) -> None:
-        self.base_calls = self.skipped = 0
-
-    def __call__(self, ctx) -> torch.Tensor:
-        if ctx.steps != self.plan.steps:
-            raise ValueError(f"refresh plan is for N={self.plan.steps} steps, the loop runs {ctx.steps}")
+    def step(self, ctx: StepContext) -> StepOutput:
         if self.plan.uses_base(ctx.step) or ctx.prev_features is None:
-            self.base_calls += 1
-            self.step_temperature = 1.0
-            return self.model.features(ctx.tokens, ctx.cond)
-        self.skipped += 1
-        self.step_temperature = self.step_temperatures.get(ctx.step, self.temperature)
-        return self.between(ctx)
+            return StepOutput(self.base_features(ctx))
+        return StepOutput(self.between(ctx), full=False, kind=self.kind)
 
-    def between(self, ctx) -> torch.Tensor:
+    def base_features(self, ctx: StepContext) -> torch.Tensor:
+        return self.model.features(ctx.tokens, ctx.cond)
+
+    def between(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

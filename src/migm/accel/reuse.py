@@ -18,11 +18,10 @@ from migm.sampling.loop import StepContext
 
 
 class ReuseSource(PlannedSource):
+    kind = "reused"
+
     def between(self, ctx: StepContext) -> torch.Tensor:
         return ctx.prev_features
-
-    def counts(self) -> dict[str, int]:
-        return {"base_calls": self.base_calls, "shortcut_calls": 0, "reused": self.skipped}
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from migm.accel.method import PlannedMethod
 from migm.accel.refresh import PlannedSource, RefreshPlan
+from migm.accel.sequence import SequenceShortcutSource
 from migm.sampling.loop import StepContext
 from migm.shortcut.network import ShortcutNetwork, time_input
 
@@ -33,15 +34,25 @@ class ShortcutSource(PlannedSource):
         self.shortcut, self.step_scale = shortcut, step_scale
 
     def between(self, ctx: StepContext) -> torch.Tensor:
-        # the grid the previous features describe is x_{i-2}; the shortcut steps it to x_{i-1}
-        rows, device = len(ctx.tokens), ctx.tokens.device
-        time = time_input(self.shortcut, torch.full((rows,), ctx.t, device=device),
-                          torch.full((rows,), ctx.mask_ratio, device=device))
-        out = self.shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time)
+        out = shortcut_step(self.shortcut, ctx)
         return out if self.step_scale == 1.0 else torch.lerp(ctx.prev_features, out, self.step_scale)
 
-    def counts(self) -> dict[str, int]:
-        return {"base_calls": self.base_calls, "shortcut_calls": self.skipped}
+
+def shortcut_step(shortcut: ShortcutNetwork, ctx: StepContext) -> torch.Tensor:
+    """f_i = f_{i-1} + S(f_{i-1}, tokens decoded at step i-1, t) for every row (R, L, D): the
+    grid the previous features describe is x_{i-2}; the shortcut steps it to x_{i-1}."""
+    rows, device = len(ctx.tokens), ctx.tokens.device
+    time = time_input(shortcut, torch.full((rows,), ctx.t, device=device),
+                      torch.full((rows,), ctx.mask_ratio, device=device))
+    return shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time)
+
+def shortcut_source(model, shortcut, plan: RefreshPlan, temperature: float = 1.0) -> PlannedSource:
+    """The source a trained shortcut runs in: a sequence-state network over a base that has a
+    sequence (MaskGIT's class slot, DiMOO's prompt) in SequenceShortcutSource; any other pair in
+    ShortcutSource on grid features (the embedded default's sequence is its grid)."""
+    if getattr(shortcut, "positions", "grid") == "sequence" and hasattr(model, "sequence_features"):
+        return SequenceShortcutSource(model, shortcut, plan, temperature)
+    return ShortcutSource(model, shortcut, plan, temperature)
 
 
 @dataclass
@@ -64,7 +75,6 @@ class Shortcut(PlannedMethod):
     def source(self, model, shortcut, steps: int, budgets: int, **knobs):
         if shortcut is None:
             raise ValueError(f"shortcut N{steps}/B{budgets}: needs shortcut weights (--ckpt_path)")
-        from migm.accel.sequence import shortcut_source
         source = shortcut_source(model, shortcut, self.refresh_plan(steps, budgets), self.temperature)
         if self.step_scale != 1.0:
             if not isinstance(source, ShortcutSource):

@@ -34,8 +34,8 @@ from typing import ClassVar
 import torch
 
 from migm.accel.method import Method
-from migm.models.layers import FlopLedger, full_layer, gather_rows
-from migm.sampling.loop import StepContext
+from migm.models.layers import cached_forward, flop_share, gather_rows
+from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
 
 @dataclass
@@ -91,31 +91,27 @@ class TaylorFactors:
         return out
 
 
-class TaylorSeerSource:
+class TaylorSeerSource(FeatureSource):
     """Feature source: base at the full steps, Taylor forecasts between (see the module doc)."""
 
     def __init__(self, model, config: TaylorSeerConfig, steps: int) -> None:
+        super().__init__()
         config.check_steps(steps)
         self.model, self.config, self.steps = model, config, steps
         self.full = frozenset(config.full_steps(steps))
-        self.ledger = FlopLedger()
         self.reset()
 
     def reset(self) -> None:
-        self.base_calls = self.forecasts = 0
         self.last_full: int | None = None
         self.cache: dict[object, TaylorFactors] = {}
-        self.ledger.reset()
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.steps != self.steps:
-            raise ValueError(f"TaylorSeer was built for N={self.steps} steps, the loop runs {ctx.steps}")
+    def step(self, ctx: StepContext) -> StepOutput:
         if ctx.step in self.full or self.last_full is None:
-            return self._full(ctx)
-        self.forecasts += 1
+            return StepOutput(self._full(ctx))
         x = ctx.step - self.last_full
-        if not self.config.per_layer:
-            return self.cache["f"].forecast(x).to(ctx.prev_features.dtype)
+        if not self.config.per_layer:           # features-only forecasts cost no base FLOPs
+            return StepOutput(self.cache["f"].forecast(x).to(ctx.prev_features.dtype), full=False,
+                              kind="forecasts")
         m = self.model
         s = m.embed_sequence(ctx.tokens, ctx.cond)
         h = s.hidden
@@ -123,12 +119,11 @@ class TaylorSeerSource:
             h = h + self.cache[i, "attn"].forecast(x).to(h.dtype)
             h = h + self.cache[i, "mlp"].forecast(x).to(h.dtype)
         shape = m.layer_shape()
-        self.ledger.step(shape, s)
-        self.ledger.add(len(h) * (h.shape[1] * shape.embed_row + s.grid.shape[1] * shape.final_row))
-        return m.final(gather_rows(h, s.grid))
+        spent = len(h) * (h.shape[1] * shape.embed_row + s.grid.shape[1] * shape.final_row)
+        return StepOutput(m.final(gather_rows(h, s.grid)), full=False, kind="forecasts",
+                          base_flops=flop_share(shape, s, spent))
 
     def _full(self, ctx: StepContext) -> torch.Tensor:
-        self.base_calls += 1
         distance = ctx.step - (self.last_full or 0)
         differentiate = self.last_full is not None and ctx.step >= self.config.first_enhance
         self.last_full = ctx.step
@@ -143,23 +138,11 @@ class TaylorSeerSource:
             record("f", f)
             return f
         s = m.embed_sequence(ctx.tokens, ctx.cond)
-        pe, h = m.position_encoding(s.rows), s.hidden
-        for i, layer in enumerate(m.layers()):
-            out = full_layer(layer, h, pe, s.key_mask)
-            record((i, "attn"), out.attn)
-            record((i, "mlp"), out.mlp)
-            h = out.hidden
-        self.ledger.step(m.layer_shape(), s)
-        self.ledger.add(m.layer_shape().call(len(h), h.shape[1], s.grid.shape[1]))
+        h, kept = cached_forward(m, s, keep=("attn", "mlp"))
+        for i, out in enumerate(kept):
+            record((i, "attn"), out["attn"])
+            record((i, "mlp"), out["mlp"])
         return m.final(gather_rows(h, s.grid))
-
-    def counts(self) -> dict[str, float]:
-        calls = self.base_calls + self.forecasts
-        # features-only forecasts cost no base FLOPs: the fraction is the share of full steps
-        fraction = (self.ledger.fraction if self.config.per_layer
-                    else (self.base_calls / calls if calls else 0.0))
-        return {"base_calls": self.base_calls, "forecasts": self.forecasts,
-                "base_flops_fraction": fraction}
 
 
 @dataclass

@@ -37,7 +37,8 @@ from migm.data.recorder import TrajectoryRecorder
 from migm.data.trajectories import ShardError, ShardSchema, open_shard, trajectory_keys, write_shard
 from migm.models.assets import atomic_write_bytes, checkpoint_digest, remove_orphans, sha256
 from migm.models.registry import BaseKind, check_files, load_base
-from migm.sampling.loop import VanillaSource, generate
+from migm.sampling.loop import StepOutput, VanillaSource, generate
+from migm.shortcut.sequence import gather_grid
 from migm.sampling.sampler import SamplerConfig
 
 MANIFEST = "manifest.json"
@@ -107,11 +108,10 @@ class SequenceStates(VanillaSource):
     """The base at every step through `sequence_features`: keeps the whole (R, T, D) state for
     the recorder and returns the grid part to the loop (what `features` would have given)."""
 
-    def __call__(self, ctx) -> torch.Tensor:
-        self.base_calls += 1
+    def step(self, ctx) -> StepOutput:
         self.state = self.model.sequence_features(ctx.tokens, ctx.cond)          # (R, T, D)
         grid = self.model.sequence(ctx.tokens, ctx.cond)[2]                        # (R, L)
-        return self.state.gather(1, grid[..., None].expand(-1, -1, self.state.shape[-1]))
+        return StepOutput(gather_grid(self.state, grid))
 
 
 class CollectionModule(L.LightningModule):

@@ -64,7 +64,7 @@ def call_costs(model, shortcut=None, batch_size: int = 64, repeats: int = 5,
             and hasattr(model, "sequence_features"):
         # a whole-sequence network (the official ones) is timed as the loop runs it: on the
         # base's sequence state, through step() (its forward takes other arguments)
-        from migm.accel.sequence import sequence_step
+        from migm.shortcut.sequence import sequence_step
         ratio = (tokens == model.mask_id).float().mean(1)                          # (rows,)
         step = sequence_step(model, model.sequence_features(tokens, cond), tokens, cond, new, ratio, t)
         calls["shortcut_call_ms"] = lambda: shortcut.step(step)

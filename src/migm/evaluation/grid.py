@@ -159,8 +159,7 @@ class EvaluationGrid(nn.Module):
             peak, peak_delta = rounds.peaks.get(point, (None, None))
             row = {"method": point.name, "label": point.label, "steps": point.steps,
                    "budget": dict(point.knobs).get("budgets", point.steps), **metrics.compute(),
-                   "base_calls": calls.get("base_calls"), "shortcut_calls": calls.get("shortcut_calls"),
-                   "base_flops_fraction": calls.get("base_flops_fraction"),
+                   **calls,          # every counter the method's steps reported (loop.Counts)
                    "latency_ms_per_image": rounds.median_ms(point) / c.latency_batch,
                    "latency_batch": c.latency_batch, "latency_rounds": c.latency_repeats,
                    "speedup": speedup, "speedup_min": lo, "speedup_max": hi,
@@ -174,11 +173,9 @@ class EvaluationGrid(nn.Module):
                                          if point in self.fitted else None),
                    **asdict(c.sampler), "reference_steps": c.reference_steps}
             # the bound from model calls alone: what the speedup would be if only calls cost time
-            model_ms = (row["base_calls"] or 0) * costs["base_call_ms"] + \
-                (row["shortcut_calls"] or 0) * costs.get("shortcut_call_ms", 0.0)
-            if row["base_flops_fraction"] is not None:       # caches: part of each call is skipped
-                model_ms = row["base_flops_fraction"] * point.steps * costs["base_call_ms"] + \
-                    (row["shortcut_calls"] or 0) * costs.get("shortcut_call_ms", 0.0)
+            # (a cache's partial step counts as its share of a full call's FLOPs)
+            model_ms = calls.get("base_flops_fraction", 0.0) * point.steps * costs["base_call_ms"] + \
+                calls.get("shortcut_calls", 0) * costs.get("shortcut_call_ms", 0.0)
             row["ideal_speedup"] = c.reference_steps * costs["base_call_ms"] / model_ms if model_ms else None
             row["measured_over_ideal"] = speedup / row["ideal_speedup"] if row["ideal_speedup"] else None
             rows.append(row)

@@ -140,12 +140,39 @@ def full_layer(layer: LayerAccess, h: torch.Tensor, pe: Any,
     return LayerOutputs(h + mlp, k, v, attn, mlp)
 
 
+def cached_forward(model: LayeredBase, s: Stream,
+                   keep: Sequence[str] = ("k", "v")) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Every layer over every row (the exact block forward), keeping per layer the outputs named
+    in `keep` (of LayerOutputs: k, v, attn, mlp) for a cache. Returns the last layer's rows
+    (B, T, D) and one dict per layer. Only what is kept is held: at 4,096 tokens each kept
+    tensor is a few hundred MiB per layer."""
+    pe, h, kept = model.position_encoding(s.rows), s.hidden, []
+    for layer in model.layers():
+        out = full_layer(layer, h, pe, s.key_mask)
+        kept.append({name: getattr(out, name) for name in keep})
+        h = out.hidden
+    return h, kept
+
+
+def rows_forward(model: LayeredBase, s: Stream, rows: torch.Tensor,
+                 cache: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Only `rows` (B, R) through every layer, their queries over the cached keys and values of
+    every row: their fresh k and v overwrite the cache's rows in place first (the caches'
+    partial step: ML-Cache's least-confident rows, ReCAP's group). Returns the last layer's
+    rows (B, R, D)."""
+    pe, h = model.position_encoding(rows), gather_rows(s.hidden, rows)
+    for layer, c in zip(model.layers(), cache):
+        q, k, v = layer.project(layer.attn_input(h), pe)
+        put_rows(c["k"], rows, k, dim=2), put_rows(c["v"], rows, v, dim=2)
+        h = h + layer.project_attn(attend(q, c["k"], c["v"], s.key_mask))
+        h = h + layer.mlp_branch(h)
+    return h
+
+
 def layered_features(model: LayeredBase, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
     """`features(tokens, cond)` computed through the per-layer protocol (B, L, D)."""
     s = model.embed_sequence(tokens, cond)
-    pe, h = model.position_encoding(s.rows), s.hidden
-    for layer in model.layers():
-        h = full_layer(layer, h, pe, s.key_mask).hidden
+    h, _ = cached_forward(model, s, keep=())
     return model.final(gather_rows(h, s.grid))
 
 
@@ -198,23 +225,7 @@ class LayerShape:
         return batch * (seq * self.embed_row + self.depth * self.layer(seq, seq) + grid * self.final_row)
 
 
-class FlopLedger:
-    """Predicted base FLOPs of a method against vanilla at the same steps and batch."""
-
-    def __init__(self) -> None:
-        self.spent = self.vanilla = 0
-
-    def reset(self) -> None:
-        self.spent = self.vanilla = 0
-
-    def step(self, shape: LayerShape, stream: Stream) -> None:
-        """Account one step's vanilla cost (the method adds what it spends with `add`)."""
-        B, T = stream.hidden.shape[:2]
-        self.vanilla += shape.call(B, T, stream.grid.shape[1])
-
-    def add(self, flops: int) -> None:
-        self.spent += int(flops)
-
-    @property
-    def fraction(self) -> float:
-        return self.spent / self.vanilla if self.vanilla else 0.0
+def flop_share(shape: LayerShape, stream: Stream, spent: float) -> float:
+    """`spent` base FLOPs of one step over those of a full base call on the same batch."""
+    B, T = stream.hidden.shape[:2]
+    return spent / shape.call(B, T, stream.grid.shape[1])

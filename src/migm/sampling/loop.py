@@ -36,18 +36,51 @@ class StepContext:
                                          # from the loop's generator (which stays the same for all)
 
 
-class FeatureSource(Protocol):
-    """Optionally also `step_temperature`: read after each call, it divides that step's guided
-    logits (an accelerator's calibration of the features it extrapolated; 1 when absent), a
-    float or a (B, 1, 1) tensor where samples of one step differ (accel/adaptive.py); and
-    `eligible`: read after each call, None or (B or branches*B, L) bool, the only positions this
-    step may fill (ReCAP's group); the count filled stays the schedule's."""
+@dataclass
+class StepOutput:
+    """What a feature source hands the loop at step i: everything that steers the step.
+
+    `full` says whether the base computed f_i in full: True/False for the whole batch, or a (B,)
+    bool tensor where samples of one step differ (accel/adaptive.py). The loop divides the
+    guided logits by the source's skipped-step temperature exactly where `full` is False (once,
+    here, for every method). `kind` names the counter a step that is not a full base call adds
+    to (`shortcut_calls`, `reused`, `forecasts`, `partial_steps`, `local_steps`); `base_flops` is
+    the share of one full base call's FLOPs the step spent (None: 1 if full, else 0), so every
+    method reports the same counters. `eligible` (None, or (B or branches*B, L) bool) narrows the
+    positions this step may fill (ReCAP's group); the count filled stays the schedule's."""
+
+    features: torch.Tensor                       # f_i, (branches*B, L, D)
+    full: bool | torch.Tensor = True             # bool, or (B,) bool per sample
+    kind: str = "base_calls"                     # the counter a step that skips the base adds to
+    base_flops: float | None = None              # share of a full base call spent at this step
+    eligible: torch.Tensor | None = None         # (B or branches*B, L) bool, or None: every masked
+
+
+class FeatureSource:
+    """How f_i is obtained: the one thing methods differ in. Subclasses implement `step`.
+
+    `temperature` divides the guided logits of the steps the source does not compute with a full
+    base call (1 = off): extrapolated or stale features are over-confident (docs/results.md), so
+    every training-free method gets the same knob. `step_temperatures` ({step: tau}, fitted by
+    accel/calibration.py) overrides it at the steps it names. `steps`: the N the source was built
+    for (None: any); the loop refuses another N."""
+
+    steps: int | None = None
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if not temperature > 0:                           # NaN fails this too
+            raise ValueError(f"temperature must be > 0 (1 = off), got {temperature}")
+        self.temperature = temperature
+        self.step_temperatures: dict[int, float] = {}
 
     def reset(self) -> None:
         """Forget per-trajectory state before a new batch is generated."""
 
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        """Return f_i, (branches*B, L, D)."""
+    def step(self, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def skipped_temperature(self, step: int) -> float:
+        return self.step_temperatures.get(step, self.temperature)
 
 
 class Observer(Protocol):
@@ -60,34 +93,55 @@ class Observer(Protocol):
 class GenerationResult:
     tokens: torch.Tensor                 # x_N, (B, L): no mask left
     decode_step: torch.Tensor            # (B, L) int: step 1..N at which each position was filled
-    counts: dict[str, int] = field(default_factory=dict)  # calls made, as reported by the source
+    counts: dict[str, float] = field(default_factory=dict)  # summed from the steps' outputs
 
 
-class VanillaSource:
+class VanillaSource(FeatureSource):
     """The base model at every step: the reference every accelerator is measured against."""
 
     def __init__(self, model) -> None:
+        super().__init__()
         self.model = model
-        self.base_calls = 0
 
-    def reset(self) -> None:
-        self.base_calls = 0
-
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        self.base_calls += 1
-        return self.model.features(ctx.tokens, ctx.cond)
-
-    def counts(self) -> dict[str, int]:
-        return {"base_calls": self.base_calls, "shortcut_calls": 0}
+    def step(self, ctx: StepContext) -> StepOutput:
+        return StepOutput(self.model.features(ctx.tokens, ctx.cond))
 
 
-def revealable(masked: torch.Tensor, eligible: torch.Tensor | None, n_reveal: int) -> torch.Tensor:
-    """The positions (B, M) the sampler may fill this step: every masked one, or the masked ones
-    a source marked eligible. Rows must agree on M (the sampler works on a (B, M) block) and have
-    at least the n_reveal the schedule asks for."""
+class Counts:
+    """The per-generation counters, summed from the steps' outputs: base calls (per sample, so
+    a per-sample full step adds the share of samples it served), one counter per other kind, and
+    the base FLOPs spent over those of vanilla at the same N. A per-sample share stays a device
+    tensor until `result`: the loop never waits on the device inside its steps."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float | torch.Tensor] = {"base_calls": 0.0, "shortcut_calls": 0}
+        self.flops: float | torch.Tensor = 0.0
+        self.steps = 0
+
+    def add(self, out: StepOutput) -> None:
+        full = out.full.float().mean() if torch.is_tensor(out.full) else float(out.full)
+        self.values["base_calls"] = self.values["base_calls"] + full
+        if out.kind != "base_calls":
+            self.values[out.kind] = self.values.get(out.kind, 0) + 1
+        self.flops = self.flops + (full if out.base_flops is None else out.base_flops)
+        self.steps += 1
+
+    def result(self) -> dict[str, float]:
+        values = {k: float(v) for k, v in self.values.items()}
+        out = {k: int(v) if v.is_integer() else v for k, v in values.items()}
+        return {**out, "base_flops_fraction": float(self.flops) / self.steps if self.steps else 0.0}
+
+
+def revealable(masked: torch.Tensor, eligible: torch.Tensor | None, n_masked: int,
+               n_reveal: int) -> torch.Tensor:
+    """The positions (B, M) the sampler may fill this step, in increasing order: every masked
+    one (M = n_masked, the schedule's count, which every row has), or the masked ones a source
+    marked eligible. Rows must agree on M (the sampler works on a (B, M) block) and have at
+    least the n_reveal the schedule asks for. The common path sorts instead of `nonzero`, so
+    its shape is known without asking the device."""
     B, L = masked.shape
     if eligible is None:                                  # the common path: no extra checks
-        return masked.nonzero()[:, 1].view(B, -1)
+        return torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :n_masked]
     if eligible.dim() != 2 or eligible.shape[1] != L or eligible.shape[0] % B:
         raise ValueError(f"source.eligible must be (B or branches*B, L) = ({B}, {L}) bool, got "
                          f"{tuple(eligible.shape)}")
@@ -128,29 +182,42 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
     def stack(x: torch.Tensor) -> torch.Tensor:  # the same grid for every CFG branch
         return x if sampler.branches == 1 else torch.cat([x, x])
 
+    if source.steps is not None and source.steps != steps:
+        raise ValueError(f"{type(source).__name__} was built for N={source.steps} steps, the loop "
+                         f"runs {steps}")
     plan = tuple(int(c) for c in counts)
+    tally = Counts()
     source.reset()
     for i in range(1, steps + 1):
         ctx = StepContext(step=i, steps=steps, t=(i - 1) / steps, mask_ratio=counts[i - 1] / Lt,
                           tokens=stack(tokens), cond=stacked_cond, prev_features=features,
                           revealed=None if revealed is None else stack(revealed),
                           schedule=plan, branches=sampler.branches, seed=seed)
-        features = source(ctx)                                              # (branches*B, L, D)
+        out = source.step(ctx)
+        features = out.features                                             # (branches*B, L, D)
+        tally.add(out)
         # the M positions this step may fill (every masked one unless the source narrows them)
-        masked_pos = revealable(tokens == mask_id, getattr(source, "eligible", None),
-                                counts[i - 1] - counts[i])                              # (B, M)
+        masked_pos = revealable(tokens == mask_id, out.eligible, plan[i - 1],
+                                plan[i - 1] - plan[i])                                  # (B, M)
         positions = stack(masked_pos)                                   # (branches*B, M)
         index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
         scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
         weight = sampler.guidance_weight(i, steps)      # w, or the reference's ramp w (i-1)/(N-1)
         logits = guide(scored, weight, sampler.branches)                           # (B, M, K)
-        logits = logits / getattr(source, "step_temperature", 1.0)
+        logits = logits / skipped_step_temperature(out, source.skipped_temperature(i))
         drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator,
                                   step=i, steps=steps)
         revealed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, masked_pos, keep)
         tokens = tokens.scatter(1, masked_pos, torch.where(keep, drawn, mask_id))
-        decode_step[revealed] = i
+        decode_step = torch.where(revealed, i, decode_step)
         for obs in observers:
             obs.on_step(ctx, features, tokens, revealed)
-    report = getattr(source, "counts", None)
-    return GenerationResult(tokens, decode_step, report() if report else {})
+    return GenerationResult(tokens, decode_step, tally.result())
+
+
+def skipped_step_temperature(out: StepOutput, tau: float) -> float | torch.Tensor:
+    """1 where the base computed the step in full, `tau` elsewhere: a float, or (B, 1, 1) where
+    samples of the step differ."""
+    if torch.is_tensor(out.full):
+        return torch.where(out.full, 1.0, tau).view(-1, 1, 1)
+    return 1.0 if out.full else tau

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from migm.accel.sequence import SequenceStep
+from migm.shortcut.sequence import SequenceStep
 from migm.models.assets import CheckpointError
 from migm.models.llada import DiMOOConfig, LLaDABlock, RMSNorm, _check_fit, rope_tables, rotate
 from migm.shortcut.network import NetworkConfig, modulate, timestep_embedding

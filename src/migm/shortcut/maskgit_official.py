@@ -47,7 +47,7 @@ from migm.models.assets import CheckpointError
 from migm.shortcut.network import NetworkConfig, pack_new_tokens, timestep_embedding
 
 if TYPE_CHECKING:
-    from migm.accel.sequence import SequenceStep
+    from migm.shortcut.sequence import SequenceStep
 
 
 @dataclass
