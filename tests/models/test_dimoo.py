@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.models.dimoo import DiMOOConfig, DiMOOMIGM, LLaDA, load_vq_decoder
 from migm.models.registry import load_base
 from migm.sampling.loop import VanillaSource, generate
@@ -29,7 +29,8 @@ from migm.sampling.sampler import SamplerConfig
 
 # text ids 0..39, specials 40..45, image codes 48..63 (K = 16); 4 heads sharing 2 kv heads
 TINY = DiMOOConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=48,
-                   rope_theta=10000.0, vocab_size=64, mask_token_id=40, newline_token_id=41,
+                   rope_theta=10000.0, vocab_size=64, mask_token_id=40, reference_mask_id=40,
+                   newline_token_id=41,
                    boi_token_id=42, eoi_token_id=43, boa_token_id=44, eoa_token_id=45,
                    image_token_offset=48, codebook_size=16, grid_height=3, grid_width=4)
 

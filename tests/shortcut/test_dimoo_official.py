@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from migm.accel.refresh import RefreshPlan
 from migm.accel.sequence import SequenceShortcutSource
 from migm.accel.shortcut import shortcut_source
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.models.registry import load_base
 from migm.sampling.loop import generate
 from migm.sampling.sampler import SamplerConfig
@@ -362,3 +362,34 @@ def test_fed_positions_follow_no_prompt_and_a_missing_table_is_named():
     assert rows(DiMOOShortcutConfig(**SMALL | {"feed_prompt": False}).build().fed(s)) == [[6], [5]]
     with pytest.raises(ValueError, match=r"base's input table: the base must provide input_embedding"):
         DiMOOShortcutConfig(**SMALL).build().step(s)
+
+
+# --- the base's config.json fixes the blocks' heads, MLP and RoPE --------------------------------
+def test_heads_mlp_and_rope_theta_come_from_the_base_config_json(tmp_path):
+    """infer.py builds MDMShortcut from AutoConfig.from_pretrained(checkpoint): only d_model is
+    changed, so a base with other heads, MLP width or theta gives a shortcut with those."""
+    layout.save_reference(tmp_path)                    # config.json of the tiny DiMOO layout
+    c = DiMOOShortcutConfig(feature_dim=32, ratio=2.0, blocks=2, base_config=str(tmp_path / "config.json"))
+    tiny = layout.TINY
+    assert (c.heads, c.kv_heads, c.mlp_hidden, c.rope_theta, c.rms_norm_eps) == \
+        (tiny.n_heads, tiny.n_kv_heads, tiny.mlp_hidden_size, tiny.rope_theta, tiny.rms_norm_eps)
+    assert DiMOOShortcutConfig(feature_dim=32, base_config=str(tmp_path)).mlp_hidden == 48   # a directory
+    with pytest.raises(ValueError, match=r"mlp_hidden 12288 != mlp_hidden_size 48 of .*config\.json"):
+        DiMOOShortcutConfig(feature_dim=32, mlp_hidden=12288, base_config=str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match=r"feature_dim 4096 != d_model 32"):
+        DiMOOShortcutConfig(base_config=str(tmp_path / "config.json"))
+    with pytest.raises(CheckpointError, match=r"base_config: .*nowhere\.json not found"):
+        DiMOOShortcutConfig(base_config=str(tmp_path / "nowhere.json"))
+    # without a config.json: LLaDA-8B's, as DiMOOConfig states them
+    d = DiMOOShortcutConfig()
+    assert (d.heads, d.kv_heads, d.mlp_hidden, d.rope_theta) == (32, None, 12288, 500000.0)
+
+
+def test_released_weights_are_checked_against_the_loaded_bases_config(dimoo, tmp_path):
+    model = dimoo[0]
+    sd = save_official(tmp_path / "s.pth", small_shapes(), seed=1)
+    fits = DiMOOShortcutConfig(**SMALL)
+    assert set(fits.load_weights(str(tmp_path / "s.pth"), model)) == set(sd)
+    other = DiMOOShortcutConfig(**SMALL | {"rope_theta": 500000.0})
+    with pytest.raises(CheckpointError, match=r"rope_theta 500000\.0 != rope_theta 10000\.0 of the loaded"):
+        other.load_weights(str(tmp_path / "s.pth"), model)

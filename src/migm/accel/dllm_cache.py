@@ -20,7 +20,13 @@ Reference facts this relies on (maomaocun/dLLM-cache@17235bf):
   V cache replaced by all new values, K cache scattered at the rows, their attention (RoPE at
   their positions, q_index) and MLP outputs scattered into the caches; x = x + attention (cached
   or fresh), then og_x + MLP (cached or fresh).
-- LLaDA_test_flops_script.py / Dream_test_flops_script.py l.24: --transfer_ratio defaults to 0.25.
+- LLaDA_test_flops_script.py / Dream_test_flops_script.py l.24: --transfer_ratio defaults to 0.25,
+  as every cache-enabled scripts/run_* passes; demo_MMada_t2i_cache.py l.16-19 (text-to-image)
+  sets 0.0; dllm_cache/cache/Config.py defaults to 0.0. The paper's Table 2 gives (Kp, Kr) only:
+  rho is ours to choose, and is swept (configs/dimoo.yaml, experiments/pareto.yaml).
+- refresh_index (cache_hook_MMaDA.py l.129-141): cosine_similarity(new V, cached V, dim=-1) per
+  row over v_proj's whole output (heads not split), in the model dtype; topk(largest=False,
+  k=int(gen_len * transfer_ratio)). `refresh_rows` is that.
 - demo_MMada_t2i_cache.py batches both CFG branches into one forward, so one clock serves both;
   it sets prompt_length to the whole input length (everything is "prompt"): the t2i demo never
   exercises the gen segment. Here the generated segment is the image part (Stream.generated).
@@ -40,6 +46,22 @@ from migm.models.layers import attend, cached_forward, flop_share, gather_rows, 
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
 
+def refresh_rows(v_new: torch.Tensor, v_cached: torch.Tensor, rho: float) -> torch.Tensor:
+    """The generated rows to refresh between refreshes: the int(G rho) rows whose new V is least
+    like the cached one (refresh_index of the reference).
+
+    Args:
+        v_new, v_cached: (B, G, F) V rows, all kv heads concatenated (v_proj's output layout).
+        rho: transfer_ratio.
+    Returns:
+        (B, int(G rho)) row indices into G, lowest cosine first. The cosine runs in the inputs'
+        dtype (the model's: bf16 for DiMOO), as the reference computes it, so near-ties break as
+        there.
+    """
+    cos = F.cosine_similarity(v_new, v_cached, dim=-1)                              # (B, G)
+    return cos.topk(int(v_new.shape[1] * rho), dim=-1, largest=False).indices
+
+
 @dataclass
 class DLLMCacheConfig:
     """One setting. The paper's (Kp, Kr) = (10, 5) and (64, 16) at DiMOO's 64 steps."""
@@ -47,8 +69,9 @@ class DLLMCacheConfig:
     prompt_interval: int = 10    # Kp: the condition segment is recomputed every Kp steps
     gen_interval: int = 5        # Kr: the generated segment is recomputed every Kr steps
     transfer_ratio: float = 0.25  # rho in [0, 1]: share of generated rows refreshed in between
-                                  # (0: none; the paper does not give it; the repo's FLOP
-                                  # scripts default to 0.25)
+                                  # (0: none). Not in the MIGM-Shortcut paper, so any value is
+                                  # OUR choice: the repo's eval scripts use 0.25, its
+                                  # text-to-image demo 0.0; configs sweep 0, 0.25, 0.5
 
     def __post_init__(self) -> None:
         for name in ("prompt_interval", "gen_interval"):
@@ -114,9 +137,9 @@ class DLLMCacheSource(FeatureSource):
             gen = s.generated
             xg = gather_rows(x, gen)
             v_new, = layer.project(xg, m.position_encoding(gen), "v")            # (B, Hkv, G, d)
-            flat = lambda t: rearrange(t, "b h g d -> b g (h d)").float()
-            cos = F.cosine_similarity(flat(v_new), flat(gather_rows(c["v"], gen, dim=2)), dim=-1)
-            pick = cos.topk(int(G * self.config.transfer_ratio), dim=-1, largest=False).indices
+            flat = lambda t: rearrange(t, "b h g d -> b g (h d)")                # v_proj's output
+            pick = refresh_rows(flat(v_new), flat(gather_rows(c["v"], gen, dim=2)),
+                                self.config.transfer_ratio)                      # (B, S)
             sel = gen.gather(1, pick)                                            # (B, S) rows
             q, k = layer.project(gather_rows(xg, pick), m.position_encoding(sel), "qk")
             put_rows(c["v"], gen, v_new, dim=2), put_rows(c["k"], sel, k, dim=2)
@@ -137,7 +160,8 @@ class DLLMCacheSource(FeatureSource):
 @dataclass
 class DLLMCache(Method):
     """dLLM-Cache on the one loop. Swept: `steps`, `prompt_interval` (Kp), `gen_interval` (Kr);
-    fixed: `transfer_ratio` (rho)."""
+    fixed: `transfer_ratio` (rho: not given by the paper, so our choice; sweep it with one entry
+    per value and a `tag`)."""
 
     prompt_interval: list[int] = field(default_factory=lambda: [10])
     gen_interval: list[int] = field(default_factory=lambda: [5])

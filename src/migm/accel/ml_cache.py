@@ -12,8 +12,10 @@ Reference facts this relies on (Alpha-VLLM/Lumina-DiMOO@81344e6):
   step (0-indexed) is a refresh step iff step <= warmup_step or (step - warmup_step) %
   refresh_interval == 0; l.98-102 the caches are emptied at refresh steps; l.138-145 after step s,
   if step s+1 is not a refresh step, per branch: conf = max over the image-code logits at every
-  position of the sequence, threshold = torch.quantile(conf, 1 - cache_ratio), recompute the
-  positions with conf <= threshold (floor((1 - c)(T - 1)) + 1 of T distinct values).
+  position of the sequence, threshold = torch.quantile(conf.float(), 1 - cache_ratio) (linear
+  interpolation), recompute the positions with conf <= threshold: ties at the threshold are
+  all included, so the count is floor((1 - c)(T - 1)) + 1 for T distinct values and more where
+  scores tie (bf16 max-logits tie often). `select_rows` is that selection.
 - model/modeling_llada.py LLaDAModel.forward l.1244: only the selected input ids are embedded;
   LLaDALlamaBlock.forward l.929-940: their k/v overwrite the cache rows ('cond' and 'uncond'
   caches apart), attention of their queries over the whole cache with RoPE at their positions
@@ -22,9 +24,12 @@ Reference facts this relies on (Alpha-VLLM/Lumina-DiMOO@81344e6):
 - README.md l.185 / inference/inference_t2i.py l.41-43: cache_ratio in (0, 1), warmup_ratio in
   [0, 1), refresh_interval in (1, N - int(w N) - 1]; defaults 0.9, 0.3, 5. Here c = 0 is allowed
   too (every row recomputed: the cache path checked against vanilla) and r = 1 is vanilla.
-- differences, named: both CFG branches run in one batch here, so every row recomputes the same
-  count (the largest any row's formula gives: a branch with a shorter prompt recomputes a row or
-  two more than its own share); padding rows are never chosen.
+- differences, named: both CFG branches (and every sample) run in one batch here, and a batch
+  recomputes one count of rows per row: each row recomputes every row the reference's rule
+  selects in it, and rows whose selection is smaller than the batch's largest are padded with
+  their next-lowest-confidence rows (recomputing a row more only brings it closer to vanilla);
+  the quantile is taken over each row's real (not padding) positions, as the reference's
+  unpadded per-branch sequences have it, and padding rows are chosen only as that padding.
 """
 
 from __future__ import annotations
@@ -37,6 +42,33 @@ import torch
 from migm.accel.method import Method
 from migm.models.layers import cached_forward, flop_share, gather_rows, put_rows, rows_forward
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput
+
+
+def select_rows(conf: torch.Tensor, cache_ratio: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's `conf <= torch.quantile(conf, 1 - c)` per row, ties included, as indices.
+
+    Args:
+        conf: (B, T) each row's largest image-code logit at the previous step.
+        cache_ratio: c, the share kept from the cache.
+        valid: (B, T) bool, False at padding (None: all real); the quantile is over real rows.
+    Returns:
+        (B, R) row indices, R the largest selection of any row: each row's own selection first
+        (lowest confidence first within it), then, where its selection is smaller, its next
+        lowest-confidence rows (real ones before padding) to fill R.
+    """
+    real = conf.float() if valid is None else conf.float().masked_fill(~valid, float("nan"))
+    threshold = torch.nanquantile(real, 1 - cache_ratio, dim=-1, keepdim=True)     # (B, 1) fp32
+    chosen = conf <= threshold                                                      # NaN: False
+    if valid is not None:
+        chosen &= valid
+    R = int(chosen.sum(1).max())
+    # sort key: chosen rows, then the others by confidence (padding, conf inf, last)
+    key = conf.float().masked_fill(chosen, float("-inf"))
+    if valid is not None:
+        key = key.masked_fill(~valid, float("inf"))
+    order = torch.sort(conf.float(), dim=-1, stable=True).indices                   # (B, T)
+    ranked = torch.sort(key.gather(1, order), dim=-1, stable=True).indices          # (B, T)
+    return order.gather(1, ranked[:, :R])                                           # (B, R)
 
 
 @dataclass
@@ -71,13 +103,6 @@ class MLCacheConfig:
         """1-indexed full steps (the reference's loop over 0-indexed steps, shifted by one)."""
         W = int(steps * self.warmup_ratio)
         return [j + 1 for j in range(steps) if j <= W or (j - W) % self.refresh_interval == 0]
-
-    def recompute_count(self, rows: int) -> int:
-        """How many of `rows` distinct confidences satisfy conf <= quantile(conf, 1 - c): the
-        quantile's position (1 - c)(rows - 1) is computed in fp32 by torch (the fp64 product
-        gives one row fewer at e.g. c = 0.9, rows = 51), then floor + 1."""
-        q = torch.tensor(1 - self.cache_ratio, dtype=torch.float32)
-        return int(torch.floor(q * torch.tensor(rows - 1, dtype=torch.float32))) + 1
 
 
 class MLCacheSource(FeatureSource):
@@ -124,12 +149,8 @@ class MLCacheSource(FeatureSource):
         return conf
 
     def _pick(self, s) -> torch.Tensor:
-        """The rows to recompute: the lowest confidences, as many as the reference's quantile
-        keeps for the longest row."""
-        B, T = self.conf.shape
-        real = s.key_mask.sum(1).tolist() if s.key_mask is not None else [T]
-        n = max(self.config.recompute_count(int(t)) for t in real)
-        return self.conf.topk(n, dim=-1, largest=False).indices                 # (B, n)
+        """The rows to recompute (select_rows over the previous step's confidences)."""
+        return select_rows(self.conf, self.config.cache_ratio, s.key_mask)
 
 
 @dataclass

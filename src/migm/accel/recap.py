@@ -19,24 +19,47 @@ base's condition rows (MaskGIT's class token) stay cached at local steps (the re
 recomputes its one context token with G).
 
 Reference facts this relies on (liebenxj/ReCAP@4d1da38, examples/MaskGIT+ReCAP/):
-- cache_decoding.py l.148-165: groups built over the per-step token counts: take one step; once
-  more than pre_full_iters groups' steps are taken, append up to num_cache_iters more; the
-  group's count is their sum. So at T' steps with u = pre_full_iters, k = num_cache_iters there
-  are u + ceil((T' - u) / (k + 1)) full evaluations.
-- l.200-257: per group one full forward with use_cache=True; a token is sampled at every position
-  from the logits, confidence = log-softmax at it (masked positions only) + Gumbel(conf_temp_g),
-  conf_temp_g = conf_temp (1 - (g+1)/groups) (l.172); sorted descending, G = the top n, the K/V of
-  the other positions (class token excluded) are kept per layer; the local steps fill G's chunks
-  in that order, each chunk sampled from the logits of a forward of G's tokens alone (their
-  positions as position_ids) over the cached K/V (models/uvit.py Attention: k, v = cat(past, new)).
-- the paper's (u, T, T') read as (pre_full_iters, full evaluations, total steps): (0, 8, 40) is
-  k = 4 at N = 40, (0, 8, 24) is k = 2 at N = 24 (inferred from this arithmetic; `from_paper`).
+- cache_decoding.py l.41-47, l.138-165: `gen_step` (N) is the total number of token-revealing
+  steps, `pre_full_iters` (u) leading steps are groups of one, then each group is one full step
+  plus up to `num_cache_iters` (k) local steps; the group reveals the sum of its steps' counts.
+  So a run has u + ceil((N - u) / (k + 1)) full steps and the rest are local.
+- where we depart: for k >= 2 the reference's inner loop indexes `ntoken_schedule[cnt + i]`
+  while also advancing `cnt`, so a group reads base steps c, c+2, c+4, ... and the next group
+  restarts at c+k: some steps' counts are used twice, others never, the group sums exceed the
+  sequence length (272 of 256 at N = 40, k = 4) and its own `assert sum(ntoken_schedule) ==
+  seq_len` (l.165) stops the script before sampling. It fails so at all four of Table 2's
+  settings under either reading below (N = 40, 24, 48, 32), so those rows cannot come from that
+  loop. We take k consecutive steps (`groups`): what the loop means to do, and what it does for
+  k = 1 (the released scripts' only value). tests/accel/test_baseline_references.py pins both
+  loops.
+- l.200-229: per group one full forward with use_cache=True; a token is drawn at every position
+  from the full step's logits at temperature 1 (Categorical), confidence = its log-softmax,
+  masked positions only (-inf elsewhere), + conf_temp_g x Gumbel (numpy, cast to fp32),
+  conf_temp_g = conf_temp (1 - (g+1)/G) with G the number of groups after grouping (l.172);
+  sorted descending, the group is the top n; the K/V of the other positions (class token
+  excluded) are kept per layer; the local steps fill the group's chunks in that order, each from
+  the logits of a forward of the group's tokens alone (their positions as position_ids) over the
+  cached K/V (models/uvit.py Attention: k, v = cat(past, new)). `rank_group` is that ranking.
+
+The paper's (u, T, T'). The code never names T or T', and the ReCAP text that defines them was
+not reachable; MIGM-Shortcut's Table 2 lists (0, 8, 40) and (0, 8, 24) on Lumina-DiMOO (whose
+re-implementation is not released). T is the number of full steps in both readings:
+- "total": T' is the total step count: (0, 8, 40) is N = 40, k = 4; (0, 8, 24) is N = 24, k = 2;
+- "local": T' is the number of local (cached) steps, N = T + T': (0, 8, 40) is N = 48, k = 5;
+  (0, 8, 24) is N = 32, k = 3.
+Table 2's latencies support "local". Vanilla there costs 0.361 s a step (23.10 s / 64; its 32,
+16, 14, 13-step rows fit 0.3613 N - 0.005). Solving ReCAP's two rows (7.05 s, 5.42 s) for a
+full-step cost f and a local-step cost l: "total" gives 8f + 32l = 7.05, 8f + 16l = 5.42, so
+l = 0.102 and f = 0.474 s, a full step 31% dearer than a vanilla step although it is one (plus
+the ranking); "local" gives 8f + 40l = 7.05, 8f + 24l = 5.42, so l = 0.102 and f = 0.372 s,
+a vanilla step plus 3% for the ranking. This is an inference from the numbers, not quoted text.
+`ReCAPConfig.from_paper` takes the reading explicitly; configs/dimoo.yaml uses "local".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -44,6 +67,28 @@ from migm.accel.method import Method
 from migm.models.layers import cached_forward, flop_share, gather_rows, put_rows, rows_forward
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 from migm.sampling.sampler import gumbel
+
+PaperReading = Literal["total", "local"]
+PAPER_READINGS = ("total", "local")
+
+
+def rank_group(logp: torch.Tensor, drawn: torch.Tensor, noise: torch.Tensor, scale: float,
+               n: int) -> torch.Tensor:
+    """The reference's group choice over the M masked positions of each row.
+
+    Args:
+        logp: (B, M, K) log-softmax of the full step's logits at the masked positions.
+        drawn: (B, M) a token drawn at each from those logits (temperature 1).
+        noise: (B, M) standard Gumbel noise.
+        scale: the group's conf_temperature (no noise is added at 0).
+        n: the group size (the tokens its steps reveal).
+    Returns:
+        (B, n) indices into M, most confident first: the order the group's chunks are filled in.
+    """
+    score = logp.gather(-1, drawn[..., None]).squeeze(-1)                       # (B, M)
+    if scale > 0:
+        score = score + scale * noise
+    return score.argsort(-1, descending=True)[:, :n]
 
 
 @dataclass
@@ -64,16 +109,29 @@ class ReCAPConfig:
             raise ValueError(f"ReCAP.choice_temperature: must be >= 0, got {self.choice_temperature}")
 
     @classmethod
-    def from_paper(cls, u: int, full: int, total: int, **kw) -> ReCAPConfig:
-        """(u, T, T'): u pre-full steps, T full evaluations in T' steps -> the k that gives it."""
-        if not 0 <= u < full <= total:
-            raise ValueError(f"ReCAP (u, T, T') must satisfy 0 <= u < T <= T', got ({u}, {full}, {total})")
-        k = -(-(total - u) // (full - u)) - 1
+    def from_paper(cls, u: int, full: int, t_prime: int, *, reading: PaperReading,
+                   **kw) -> tuple[ReCAPConfig, int]:
+        """The paper's (u, T, T') -> (config, N), under the named reading of T' (module docstring):
+        "total": N = T'; "local": N = T + T' (T' local steps). T is the number of full steps; the
+        k that gives exactly T full steps in N is found, or the triple is an error."""
+        if reading not in PAPER_READINGS:
+            raise ValueError(f"ReCAP (u, T, T'): reading must be one of {list(PAPER_READINGS)}, got "
+                             f"{reading!r}")
+        steps = t_prime if reading == "total" else full + t_prime
+        if not 0 <= u < full <= steps:
+            raise ValueError(f"ReCAP (u, T, T') = ({u}, {full}, {t_prime}) under reading {reading!r}: "
+                             f"needs 0 <= u < T <= N = {steps}")
+        k = -(-(steps - u) // (full - u)) - 1          # ceil((N - u) / (T - u)) - 1
         config = cls(u, k, **kw)
-        if len(config.groups(total)) != full:
-            raise ValueError(f"ReCAP (u, T, T') = ({u}, {full}, {total}): no num_cache_iters gives "
-                             f"exactly {full} full evaluations in {total} steps")
-        return config
+        if len(config.groups(steps)) != full:
+            raise ValueError(f"ReCAP (u, T, T') = ({u}, {full}, {t_prime}) under reading {reading!r}: "
+                             f"no num_cache_iters gives exactly {full} full steps in {steps} steps")
+        return config, steps
+
+    def conf_temperature(self, g: int, groups: int) -> float:
+        """The ranking's Gumbel scale at group g (0-based) of `groups`: conf_temp (1 - (g+1)/G),
+        zero at the last group (cache_decoding.py l.172)."""
+        return self.choice_temperature * (1 - (g + 1) / groups)
 
     def check_steps(self, steps: int) -> None:
         if self.pre_full_iters >= steps:
@@ -84,7 +142,8 @@ class ReCAPConfig:
                              f"cannot have more local steps than the run has steps")
 
     def groups(self, steps: int) -> list[list[int]]:
-        """1-indexed steps of each group; a group's first step is its full step."""
+        """1-indexed steps of each group; a group's first step is its full step, the next up to k
+        consecutive steps its local steps (the reference's loop with its k >= 2 skip removed)."""
         groups, cnt = [], 0
         while cnt < steps:
             group = [cnt + 1]
@@ -148,14 +207,12 @@ class ReCAPSource(FeatureSource):
         pos = masked.nonzero()[:, 1].view(B, M)                                  # (B, M)
         feats = gather_rows(f[:B], pos)
         logp = torch.log_softmax(self.model.head(feats, positions=pos).float(), -1)  # (B, M, K)
-        drawn = (logp + gumbel(logp.shape, self.generator, logp.device)).argmax(-1)
-        score = logp.gather(-1, drawn[..., None]).squeeze(-1)                    # (B, M)
-        scale = self.config.choice_temperature * (1 - (g + 1) / len(self.groups))
-        if scale > 0:
-            score = score + scale * gumbel(score.shape, self.generator, score.device)
+        drawn = (logp + gumbel(logp.shape, self.generator, logp.device)).argmax(-1)  # (B, M)
+        scale = self.config.conf_temperature(g, len(self.groups))
+        noise = gumbel(drawn.shape, self.generator, logp.device) if scale > 0 else None
         sched = ctx.schedule
         reveals = [sched[s - 1] - sched[s] for s in group]
-        ranked = pos.gather(1, score.argsort(-1, descending=True)[:, :sum(reveals)])  # (B, n)
+        ranked = pos.gather(1, rank_group(logp, drawn, noise, scale, sum(reveals)))  # (B, n)
         self.order = ranked.repeat(ctx.branches, 1)                              # same G per branch
         self.chunks = [0]
         for r in reveals:
@@ -178,8 +235,9 @@ class ReCAPSource(FeatureSource):
 @dataclass
 class ReCAP(Method):
     """ReCAP on the one loop. Swept: `steps`, `num_cache_iters` (k); fixed: `pre_full_iters` (u),
-    `choice_temperature`. The paper's (u, T, T') = (0, 8, 40) is steps 40, k 4; (0, 8, 24) is
-    steps 24, k 2 (ReCAPConfig.from_paper)."""
+    `choice_temperature`. The paper's (u, T, T') = (0, 8, 40) is steps 48, k 5 and (0, 8, 24) is
+    steps 32, k 3 under the reading Table 2's latencies support ("local"; steps 40, k 4 and
+    steps 24, k 2 under "total"): ReCAPConfig.from_paper."""
 
     num_cache_iters: list[int] = field(default_factory=lambda: [4])
     pre_full_iters: int = 0

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from migm.models.assets import CheckpointError, atomic_write_bytes
+from migm.files import CheckpointError, atomic_write_bytes
 
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
 _TORCHMETRICS_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -56,6 +56,8 @@ class ReferenceStats:
     sigma: torch.Tensor           # (F, F) float64
     count: int | None = None      # images behind them, when the source says
     source: str = ""              # where they came from, for messages and reports
+    preprocess: str | None = None  # the FID preprocessing they were computed under (quality.py
+                                   # fid_preprocess); None: unknown (another tool's file)
 
     def __post_init__(self) -> None:
         self.mu = torch.as_tensor(np.asarray(self.mu), dtype=torch.float64).reshape(-1)
@@ -70,11 +72,14 @@ class ReferenceStats:
         return self.mu.numel()
 
     def save_npz(self, path: str | Path) -> Path:
-        """pytorch-fid's layout (mu, sigma), plus the image count: other tools can read it too."""
+        """pytorch-fid's layout (mu, sigma), plus the image count and the preprocessing: other
+        tools can read it too (they ignore the extra arrays)."""
         path = Path(path)
         arrays = {"mu": self.mu.numpy(), "sigma": self.sigma.numpy()}
         if self.count is not None:
             arrays["count"] = np.asarray(self.count)
+        if self.preprocess is not None:
+            arrays["fid_preprocess"] = np.asarray(self.preprocess)
         def write(tmp: Path) -> None:
             with tmp.open("wb") as f:                 # a file object: savez adds no suffix
                 np.savez(f, **arrays)
@@ -132,7 +137,8 @@ def read_stats(path: str | Path) -> ReferenceStats:
             keys = set(f.files)
             if {"mu", "sigma"} <= keys:
                 count = int(f["count"]) if "count" in keys else None
-                return ReferenceStats(f["mu"], f["sigma"], count, str(path))
+                preprocess = str(f["fid_preprocess"]) if "fid_preprocess" in keys else None
+                return ReferenceStats(f["mu"], f["sigma"], count, str(path), preprocess)
             if "feats" in keys:                                   # clean-fid's KID file
                 acc = StatsAccumulator()
                 acc.update(torch.from_numpy(np.asarray(f["feats"])))
@@ -145,8 +151,10 @@ def read_stats(path: str | Path) -> ReferenceStats:
             return ReferenceStats(state["mu"], state["sigma"], None, str(path))
         if isinstance(state, dict) and set(_TORCHMETRICS_STATES) <= set(state):
             s = {k: torch.as_tensor(state[k]) for k in _TORCHMETRICS_STATES}
-            return _from_sums(s["real_features_sum"].double(), s["real_features_cov_sum"].double(),
-                              int(s["real_features_num_samples"]), str(path))
+            stats = _from_sums(s["real_features_sum"].double(), s["real_features_cov_sum"].double(),
+                               int(s["real_features_num_samples"]), str(path))
+            stats.preprocess = state.get("fid_preprocess")        # migm's own caches record it
+            return stats
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: no FID statistics in it (found {keys}; expected torch-fidelity's "
                               f"mu and sigma, or torchmetrics' {', '.join(_TORCHMETRICS_STATES)})")
@@ -215,13 +223,17 @@ def folder_cache_name(feature_name: str, folder: Path, files: list[Path]) -> str
 
 def folder_stats(feature, folder: str | Path, limit: int | None = None, cache_dir: Path | None = None,
                  device: torch.device | str | None = None, batch_size: int = 50) -> ReferenceStats:
-    """Statistics of `feature` over a folder of images, cached under `cache_dir` as a .npz."""
+    """Statistics of `feature` over a folder of images, cached under `cache_dir` as a .npz. The
+    images go through `feature` exactly as generated ones do, its FID preprocessing included
+    (quality.PreprocessedFeatures), and the cache is keyed by and records that preprocessing."""
     files = image_files(folder, limit)
-    name = folder_cache_name(getattr(feature, "name", "features"), Path(folder), files)
+    key = getattr(feature, "cache_name", None) or getattr(feature, "name", "features")
+    name = folder_cache_name(key, Path(folder), files)
     cache = Path(cache_dir) / name if cache_dir else None
     if cache is not None and cache.exists():
         return read_stats(cache)
     stats = stats_from_images(feature, folder_batches(files, batch_size), str(folder), device)
+    stats.preprocess = getattr(feature, "preprocess", "standard")
     if cache is not None:
         stats.save_npz(cache)
     return stats

@@ -16,9 +16,9 @@ from typing import Literal
 
 import torch
 
-from migm.evaluation.quality import QualityMetrics
+from migm.evaluation.quality import FID_PREPROCESS, PreprocessedFeatures, QualityMetrics
 from migm.evaluation.reference import ReferenceStats, StatsAccumulator, folder_stats, read_stats
-from migm.models.assets import atomic_write_bytes
+from migm.files import atomic_write_bytes
 
 FASHION_TEST = "fashion_test"
 STATS_SUFFIXES = (".npz", ".pt")
@@ -46,7 +46,7 @@ class MetricsConfig:
             null for bases without a classifier of their classes (every real base).
         clip_path: a local CLIP directory (transformers layout): adds clip_score of each image
             against its condition's prompt.
-        prompts: a prompt file (plain text or JSONL, see data/prompts.py) with the text of each
+        prompts: a prompt file (plain text or JSONL, see models/prompts.py) with the text of each
             condition id, for CLIPScore and ImageReward: class names for a class-conditional base
             (e.g. "a photo of a goldfish" for ImageNet class 1), the evaluation prompts for a
             text-to-image base. Default: the base's own prompt table, else the embedded default's
@@ -56,6 +56,16 @@ class MetricsConfig:
         unipercept_path: UniPercept-IQA (a metric of the paper's Table 2) is not supported; any
             value is an error saying so.
         cache_dir: where reference statistics computed from images are cached.
+        fid_preprocess: the pixel mapping every image gets before the FID extractor, on the real
+            side and the generated side alike (evaluation/quality.py): `standard` (the
+            extractor's own: clamp to [-1, 1], (x + 1) 127.5 rounded to uint8 levels) or
+            `reference_minmax` (MIGM-Shortcut's MaskGIT evaluation, Table 1: each image stretched
+            by its own min and max to uint8, the generated side taken from the base's decoder
+            before its clamp). Reference statistics computed here from images (a folder, the
+            Fashion test split) go through the same mapping and are cached per mode; a
+            precomputed statistics file cannot be re-preprocessed: migm's own files record the
+            mode and a mismatch is an error, another tool's file (unknown mode) is used with a
+            warning when the mode is not `standard`.
     """
 
     fid: Literal["classifier", "inception", "none"] = "classifier"
@@ -68,10 +78,14 @@ class MetricsConfig:
     image_reward_path: str | None = None
     unipercept_path: str | None = None
     cache_dir: str = "runs/cache"
+    fid_preprocess: Literal["standard", "reference_minmax"] = "standard"
 
     def __post_init__(self) -> None:
         if self.fid not in ("classifier", "inception", "none"):
             raise ValueError(f"metrics.fid: expected classifier, inception or none, got {self.fid!r}")
+        if self.fid_preprocess not in FID_PREPROCESS:
+            raise ValueError(f"metrics.fid_preprocess: expected one of {list(FID_PREPROCESS)}, got "
+                             f"{self.fid_preprocess!r}")
         if self.fid == "classifier" and not self.classifier:
             raise ValueError("metrics.fid: classifier features need metrics.classifier (the shipped "
                              "classifier.pt); use fid: inception for other bases")
@@ -84,6 +98,17 @@ class MetricsConfig:
             raise ValueError("metrics.unipercept_path: UniPercept-IQA is not supported by migm (no "
                              "released scorer it can load from local weights); score the saved "
                              "samples with UniPercept's own code, and leave this unset")
+
+    def fid_features(self, feature, model=None):
+        """`feature` behind this config's FID preprocessing (itself for `standard`, so existing
+        numbers and caches stay as they were). Under `reference_minmax` a base whose decoder
+        clamps (MaskGIT: `clamp_decoded`) is told not to, as the reference stretches the raw
+        VQGAN output; every other consumer of decoded images clamps on its own."""
+        if self.fid_preprocess == "standard":
+            return feature
+        if model is not None and hasattr(model, "clamp_decoded"):
+            model.clamp_decoded = False
+        return PreprocessedFeatures(feature, self.fid_preprocess)
 
     def check_base(self, base_kind: str) -> None:
         """Reject settings that belong to the embedded default when the base is a real model."""
@@ -113,6 +138,7 @@ def build_metrics(config: MetricsConfig | dict | None = None, model=None, base_k
     feature, reference = None, None
     if config.fid != "none":
         feature = ClassifierFeatures(classifier) if config.fid == "classifier" else InceptionFeatures(config.inception_path)
+        feature = config.fid_features(feature, model)
         reference = reference_stats(config, feature, device)
     texts = condition_texts(config, model, base_kind) if config.clip_path or config.image_reward_path else None
     clip, reward = None, None
@@ -142,23 +168,26 @@ def fashion_stats(feature, n: int | None, cache_dir: Path) -> ReferenceStats:
 
     images, _ = load_fashion_mnist("test")
     images = images[:n]
-    cache = cache_dir / f"{feature.name}_test{len(images)}.pt"
+    cache = cache_dir / f"{getattr(feature, 'cache_name', feature.name)}_test{len(images)}.pt"
     if cache.exists():
         return read_stats(cache)
     acc = StatsAccumulator()
     with torch.no_grad():
         for chunk in to_model_range(images).split(500):
             acc.update(feature(chunk))
+    preprocess = getattr(feature, "preprocess", "standard")
     states = {"real_features_sum": acc.sum, "real_features_cov_sum": acc.outer,
-              "real_features_num_samples": torch.tensor(acc.count)}
+              "real_features_num_samples": torch.tensor(acc.count), "fid_preprocess": preprocess}
     atomic_write_bytes(cache, lambda tmp: torch.save(states, tmp))
-    return acc.stats(f"Fashion-MNIST test[:{len(images)}]")
+    stats = acc.stats(f"Fashion-MNIST test[:{len(images)}]")
+    stats.preprocess = preprocess
+    return stats
 
 
 def condition_texts(config: MetricsConfig, model, base_kind: str) -> list[str]:
     """The text of each condition id: the prompt file, else the base's own table, else the
     embedded default's class names; checked against the base's number of conditions."""
-    from migm.data.prompts import read_prompt_file
+    from migm.models.prompts import read_prompt_file
     from migm.evaluation.clip import class_prompts
 
     own = list(getattr(model, "prompts", None) or [])

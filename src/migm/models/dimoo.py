@@ -35,20 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.models.conditions import IdConditions
 from migm.models.layers import LayerShape, Stream
-from migm.models.llada import (
-    LLaDA,
-    DiMOOConfig,
-    _check_fit,
-    _keys,
-    _need,
-    _read,
-    load_llada,
-    rope_at,
-)
-from migm.models.registry import HOW_TO_GET
+from migm.models.checkpoints import HOW_TO_GET
+from migm.models.llada import LLaDA, DiMOOConfig, load_llada, rope_at
+from migm.models.prompts import read_prompt_file
+from migm.models.safetensors_files import check_fit, need_file, read_tensors, tensor_keys
 
 if TYPE_CHECKING:
     from diffusers import VQModel
@@ -78,8 +71,8 @@ def load_vq_decoder(path: str | Path, device: str | torch.device = "cpu") -> VQM
     the file header first, because diffusers fills missing weights with random ones and only logs
     it; keys VQModel lacks are ignored, as diffusers ignores them, and named in a warning."""
     path = Path(path)
-    config_file = _need(path / "config.json", "VQ tokenizer config")
-    weights = _need(path / "diffusion_pytorch_model.safetensors", "VQ tokenizer weights")
+    config_file = need_file(path / "config.json", "VQ tokenizer config")
+    weights = need_file(path / "diffusion_pytorch_model.safetensors", "VQ tokenizer weights")
     VQModel = _vq_model_class()
     try:
         with torch.device("meta"):
@@ -90,11 +83,11 @@ def load_vq_decoder(path: str | Path, device: str | torch.device = "cpu") -> VQM
     if not c.lookup_from_codebook:       # decode(ids, force_not_quantize=True) needs the lookup
         raise CheckpointError(f"{config_file}: lookup_from_codebook is false; Lumina-DiMOO's VQ "
                               "(aMUSEd's) decodes code ids, which needs it true")
-    found = _read({k: (weights, k) for k in _keys(weights)}, shapes_only=True)
+    found = read_tensors({k: (weights, k) for k in tensor_keys(weights)}, shapes_only=True)
     extra = sorted(k for k in found if k not in expected)
     summary = (f"channels {tuple(c.block_out_channels)}, {c.num_vq_embeddings} codes, latent "
                f"{c.latent_channels}, mid attention {c.mid_block_add_attention}")
-    _check_fit(weights, "VQ tokenizer", {k: v for k, v in found.items() if k in expected}, expected,
+    check_fit(weights, "VQ tokenizer", {k: v for k, v in found.items() if k in expected}, expected,
                summary)
     if extra:
         warnings.warn(f"{weights}: {len(extra)} keys that diffusers' VQModel does not have are "
@@ -106,11 +99,20 @@ def load_vq_decoder(path: str | Path, device: str | torch.device = "cpu") -> VQM
 
 def tokenize_prompts(tokenizer_dir: str | Path, prompts: Sequence[str],
                      system_prompt: str) -> list[list[int]]:
-    """The reference's t2i templates, tokenised once: prompts' ids, then the unconditional one."""
+    """The reference's t2i templates, tokenised once: prompts' ids, then the unconditional one.
+
+    Loaded as the reference loads it (inference/inference_t2i.py l.64, MIGM-Shortcut infer.py
+    l.43: AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)), because the ids fix
+    the features: where the folder's tokenizer_config.json maps AutoTokenizer to a class of its
+    own (auto_map), trust_remote_code=True runs that class, and without it transformers would
+    either refuse or fall back to its built-in class, which may tokenise differently. It executes
+    Python from the checkpoint folder only in that case, and reads local files only.
+    """
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=True,
+                                            local_files_only=True)
     except Exception as err:
         raise CheckpointError(f"Lumina-DiMOO text tokenizer: cannot load it from {tokenizer_dir} "
                               f"({err}). {HOW_TO_GET['dimoo']}.") from err
@@ -120,11 +122,10 @@ def tokenize_prompts(tokenizer_dir: str | Path, prompts: Sequence[str],
 
 def read_prompts(prompts: Sequence[str] | str | Path | None) -> list[str]:
     """None: DEFAULT_PROMPTS; a str or Path: a prompt file (plain text, one prompt per non-blank
-    line, or JSONL; data/prompts.py)."""
+    line, or JSONL; models/prompts.py)."""
     if prompts is None:
         return list(DEFAULT_PROMPTS)
     if isinstance(prompts, (str, Path)):
-        from migm.data.prompts import read_prompt_file
         prompts = read_prompt_file(prompts).prompts
     if not prompts:
         raise ValueError("the prompt table is empty: give at least one prompt")
@@ -170,8 +171,8 @@ class DiMOOMIGM(IdConditions, nn.Module):
                         device: str | torch.device = "cpu") -> DiMOOMIGM:
         """`path`: the HF checkpoint directory; `vqvae`: its VQ folder (default path/vqvae);
         `config`: default read from path/config.json; the VQ decoder stays fp32."""
-        path = _need(Path(path), "checkpoint directory")
-        config = config or DiMOOConfig.from_json(_need(path / "config.json", "config.json"))
+        path = need_file(Path(path), "checkpoint directory")
+        config = config or DiMOOConfig.from_json(need_file(path / "config.json", "config.json"))
         prompts = read_prompts(prompts)
         ids = tokenize_prompts(path, prompts, config.system_prompt)
         return cls(load_llada(path, config, dtype, device),

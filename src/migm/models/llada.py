@@ -12,7 +12,11 @@ config.py):
   ff_norm,q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out}.weight (LLaDAModelLM keeps
   LLaDAModel as `model`), in HF safetensors shards named by model.safetensors.index.json;
 - one vocabulary: image code k is token id 126356 + k (K = 8192); mask 126336, newline 126084,
-  <boi>/<eoi> 126349/126350, answer start/end 126354/126355 (config.py, not config.json).
+  <boi>/<eoi> 126349/126350, answer start/end 126354/126355 (config.py, not config.json);
+- the official generators hard-code the mask id: Lumina-DiMOO generators/
+  image_generation_generator.py l.20 and MIGM-Shortcut's copy l.23 (`mask_token_id: int =
+  126336`), so a config.json naming another one would make this adapter and the reference mask
+  different tokens: `from_json` stops on it.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from migm.models.assets import CheckpointError
-from migm.models.registry import HOW_TO_GET
+from migm.files import CheckpointError
+from migm.models.safetensors_files import load_checked, shard_map
 
 
 # config.json options whose other values change the network; only the LLaDA-8B ones are written
@@ -59,6 +63,8 @@ class DiMOOConfig:
     embedding_size: int | None = None   # rows of wte / ff_out when set (padded vocabularies)
     weight_tying: bool = False
     mask_token_id: int = 126336
+    reference_mask_id: int = 126336  # the id the official generators hard-code; config.json's
+                                     # mask_token_id must equal it (a tiny test layout sets both)
     newline_token_id: int = 126084
     boi_token_id: int = 126349
     eoi_token_id: int = 126350
@@ -93,7 +99,11 @@ class DiMOOConfig:
         if bad:
             raise CheckpointError(f"{path}: unsupported LLaDA options {bad}: this adapter implements "
                                   f"the LLaDA-8B block only, {_SUPPORTED}")
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw} | overrides)
+        config = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw} | overrides)
+        if config.mask_token_id != config.reference_mask_id:
+            raise CheckpointError(f"{path}: mask_token_id is {config.mask_token_id}, but the official "
+                                  f"DiMOO generator hard-codes {config.reference_mask_id}")
+        return config
 
 
 # --- the LLaDA transformer (model/modeling_llada.py: LLaDAModel with LLaDALlamaBlock) -----------
@@ -204,77 +214,11 @@ class LLaDA(nn.Module):
         return x
 
 
-# --- reading the reference files ------------------------------------------------------------------
-def _need(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise CheckpointError(f"Lumina-DiMOO {what} not found at {path}. {HOW_TO_GET['dimoo']}.")
-    return path
-
-
-def _shard_map(path: Path) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file holding it (sharded with an index, or one file)."""
-    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
-    if index.exists():
-        files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        for f in sorted(set(files.values())):
-            _need(f, f"weight shard listed in {index.name}")
-        return files
-    return dict.fromkeys(_keys(_need(single, "model.safetensors.index.json (or model.safetensors)")),
-                         single)
-
-
-def _keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(file, "pt") as f:
-        return list(f.keys())
-
-
-def _read(files: dict[str, tuple[Path, str]], shapes_only: bool = False,
-          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
-    """{our key: (file, its key there)} -> shapes from the headers, or tensors read and cast one
-    at a time (an 8B checkpoint never sits in memory twice)."""
-    from safetensors import safe_open
-
-    out, by_file = {}, {}
-    for ours, (f, theirs) in files.items():
-        by_file.setdefault(f, []).append((ours, theirs))
-    for f, pairs in by_file.items():
-        with safe_open(f, "pt") as h:
-            for ours, theirs in pairs:
-                out[ours] = (tuple(h.get_slice(theirs).get_shape()) if shapes_only
-                             else h.get_tensor(theirs).to(device=device, dtype=dtype))
-    return out
-
-
-def _check_fit(where: Path, what: str, found: dict, expected: dict, summary: str) -> None:
-    """Raise naming the first keys that are missing, unexpected, or of the wrong shape."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k}: file {tuple(found[k])}, expected {tuple(s)}"
-              for k, s in expected.items() if k in found and tuple(found[k]) != tuple(s)]
-    problems = [f"{name} {items[:4]}{' ...' if len(items) > 4 else ''}"
-                for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if items]
-    if problems:
-        raise CheckpointError(f"{where}: does not fit the {what} of this config ({summary}): "
-                              + "; ".join(problems) + ".")
-
-
-def _load(model: nn.Module, files: dict, where: Path, what: str, summary: str,
-          dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    """`model` built on the meta device: check names and shapes from the file headers, then read."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    _check_fit(where, what, _read(files, shapes_only=True), expected, summary)
-    model.load_state_dict(_read(files, dtype=dtype, device=device), assign=True)
-    return model.eval().requires_grad_(False)
-
-
 def load_llada(path: str | Path, c: DiMOOConfig, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu") -> LLaDA:
     with torch.device("meta"):
         model = LLaDA(c)
-    files = {k.removeprefix("model."): (f, k) for k, f in _shard_map(Path(path)).items()}
+    files = {k.removeprefix("model."): (f, k) for k, f in shard_map(Path(path)).items()}
     summary = (f"D={c.d_model}, {c.n_layers} layers, {c.n_heads} heads, MLP {c.mlp_hidden_size}, "
                f"{c.rows} vocabulary rows, weight_tying={c.weight_tying}")
-    return _load(model, files, Path(path), "LLaDA transformer", summary, dtype, device)
+    return load_checked(model, files, Path(path), "LLaDA transformer", summary, dtype, device)

@@ -13,11 +13,18 @@ architecture, whose checkpoints this does not read):
   branch (drop_label) uses id K + 1 + C; the mask token is id K (= 1024);
 - logits = last_layer(...) @ tok_emb.weight.T + bias, bias being (L + 1, K + 1 + C + 1): a learned
   bias per position, which is why `head` takes the positions it scores;
-- the VQGAN is taming's vqgan_imagenet_f16_1024, a Lightning file {"state_dict": ...}.
+- the VQGAN is taming's vqgan_imagenet_f16_1024, a Lightning 1.x `last.ckpt` (Trainer/vit.py
+  l.85-93: torch.load(...)["state_dict"], load_state_dict(strict=False)): besides state_dict it
+  holds epoch, global_step, pytorch-lightning_version, optimizer_states, lr_schedulers, and
+  `callbacks` keyed by the callback's class (PL 1.0's Trainer.on_save_checkpoint:
+  callback_states[type(callback)] = state), i.e. ModelCheckpoint's class object (`_read`);
+- the decoded images are unclamped in the reference's FID evaluation (MIGM-Shortcut
+  Metrics/sample_and_eval.py l.137-140 stretches the raw decode_code output per image).
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,10 +35,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.models.conditions import IdConditions
 from migm.models.layers import LayerShape, Stream
-from migm.models.registry import HOW_TO_GET
+from migm.models.checkpoints import HOW_TO_GET
 
 
 @dataclass
@@ -266,11 +273,33 @@ def _rename(key: str, to_ours: bool) -> str:
     return key
 
 
+class _CallbackClassKey:
+    """Stands in for the callback class a Lightning 1.x checkpoint uses as a dict key.
+
+    Such a checkpoint's `callbacks` is {ModelCheckpoint: {best_model_score, best_model_path, ...}}:
+    the key is the class object itself, which pickles as GLOBAL
+    pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint and which torch.load's
+    weights-only unpickler refuses ("Unsupported global"). Allow-listing that one name, mapped to
+    this class, lets the file load without importing Lightning 1.x: the class is only ever a key
+    there. Building it (a pickle that calls or reconstructs it) is refused, so nothing but a name
+    is let through; every other global stays refused as weights_only refuses it.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("a Lightning callback class may only appear as a dict key "
+                                     "in a checkpoint, not be built")
+
+
+# Exactly what the released VQGAN's last.ckpt needs beyond tensors, containers, strings and numbers.
+_LIGHTNING_1X_GLOBALS = [(_CallbackClassKey, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
 def _read(path: Path, what: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"MaskGIT {what} checkpoint not found at {path}. {HOW_TO_GET['maskgit']}.")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_LIGHTNING_1X_GLOBALS):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"{path}: cannot be read as plain tensors ({err}); migm loads weights only, never pickled "
@@ -336,6 +365,9 @@ class MaskGITMIGM(IdConditions, nn.Module):
         super().__init__()
         self.transformer, self.vqgan = transformer, vqgan
         self.config = transformer.config
+        # False: `decode` returns the raw VQGAN output, for the reference's per-image min-max FID
+        # preprocessing (MetricsConfig.fid_preprocess sets it); every other consumer clamps itself
+        self.clamp_decoded = True
 
     @classmethod
     def from_checkpoints(cls, transformer_path: str | Path, vqgan_path: str | Path,
@@ -406,11 +438,13 @@ class MaskGITMIGM(IdConditions, nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) -> images (B, 3, H, W) in [-1, 1]; 512x512 for the released model."""
+        """tokens (B, L) -> images (B, 3, H, W) in [-1, 1] (unclamped when `clamp_decoded` is
+        False); 512x512 for the released model."""
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), "
                              f"got [{int(tokens.min())}, {int(tokens.max())}]")
-        return self.vqgan(tokens).clamp(-1, 1)
+        images = self.vqgan(tokens)
+        return images.clamp(-1, 1) if self.clamp_decoded else images
 
     # --- per-layer access (models/layers.py: LayeredBase) ----------------------------------------
     def embed_sequence(self, tokens: torch.Tensor, cond: torch.Tensor) -> Stream:

@@ -15,6 +15,8 @@ separate samplers (the defaults are this project's original sampler, bit for bit
 | logits before softmax  | / temperature     | * sm_temp (logit_scale)  | / temperature       |
 | confidence softmax     | tempered          | tempered                 | untempered          |
 | Gumbel scale at step i | c (1 - (i-1)/N)   | r_temp (1 - (i-1)/(N-1)) | temperature         |
+| Gumbel noise dtype     | fp32              | fp64 (numpy), cast fp32  | bf16                |
+| sampler arithmetic     | fp32              | fp32                     | bf16                |
 
 Reference facts this relies on:
 - valeoai/Maskgit-pytorch@674ef1d Trainer/vit.py `sample` (l.397-430): `_w = w * (indice /
@@ -26,6 +28,14 @@ Reference facts this relies on:
   utils/generation_utils.py l.40-61: `(1 + cfg) * cond - cfg * uncond` at every step; the token is
   argmax(logits / temperature + gumbel); confidence = log(softmax(logits)[drawn]) (untempered) +
   temperature * gumbel, the same scale at every step.
+- Alpha-VLLM/Lumina-DiMOO@81344e6 utils/generation_utils.py l.31-37 gumbel_noise: u =
+  torch.rand_like(t) (or torch.rand(..., dtype=t.dtype)), g = -log(-log(u + 1e-20) + 1e-20), all
+  in t's dtype; t is the CFG-mixed logits (gumbel_max_sample) or the softmax probabilities
+  (mask_by_random_topk), both bf16 because the model is loaded in bf16, so the draws, the sums
+  logits / tau + g and log(p) + T g, and the softmax are bf16. The largest bf16 below 1 is
+  1 - 2^-8, so u + 1e-20 <= 1 - 2^-8, -log of it rounds to 2^-8 and g is at most bf16(8 ln 2) =
+  5.53125 (fp32: 16.64): a token whose logit / tau is more than ~9.4 below its row's best can
+  never be drawn. `noise_dtype` / `logits_dtype` "bfloat16" reproduce this.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import torch
 
 CFG_SCHEDULES = ("constant", "linear")
 CHOICE_SCHEDULES = ("linear", "linear_to_zero", "constant")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -53,6 +64,16 @@ class SamplerConfig:
     tempered_confidence: bool = True
     """Confidence from the scaled/tempered softmax that drew the token (MaskGIT); False: from the
     softmax of the guided logits as they come (Lumina-DiMOO). The same at temperature 1."""
+    noise_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype the Gumbel noise is drawn and computed in. "bfloat16": as Lumina-DiMOO draws it
+    (torch.rand in bf16, -log(-log(u + 1e-20) + 1e-20) in bf16), which caps the noise at 5.53125
+    and quantises it; "float32" (ours, MaskGIT's up to its fp64 draw) reaches 16.6."""
+    logits_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the sampler's arithmetic: the guided logits are cast to it before the scaling, the
+    noised argmax and the confidence (Lumina-DiMOO: bf16, its logits' dtype); in bf16 the
+    confidence is the reference's log(softmax[drawn].clamp_min(1e-20)), in fp32 log_softmax (the
+    same up to rounding). The guidance mix before it is the loop's, in fp32 of the base's logits
+    (bf16-exact for DiMOO), rounded once here where the reference rounds each product."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -72,6 +93,9 @@ class SamplerConfig:
         if not isinstance(self.tempered_confidence, bool):
             raise ValueError(f"tempered_confidence must be true or false, got "
                              f"{self.tempered_confidence!r}")
+        for name in ("noise_dtype", "logits_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
 
     @property
     def branches(self) -> int:
@@ -106,9 +130,15 @@ class SamplerConfig:
         return 1.0 - (step - 1) / (steps - 1)
 
 
-def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
-    return -torch.log((-torch.log(u)).clamp_min(1e-20))
+def gumbel(shape: torch.Size, generator: torch.Generator, device: torch.device,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard Gumbel noise of `shape`. fp32: this project's original draw (kept bit for bit);
+    another dtype: Lumina-DiMOO's gumbel_noise, every op in that dtype."""
+    if dtype == torch.float32:
+        u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0)
+        return -torch.log((-torch.log(u)).clamp_min(1e-20))
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return -torch.log(-torch.log(u + 1e-20) + 1e-20)
 
 
 def guide(logits: torch.Tensor, cfg_weight: float, branches: int | None = None) -> torch.Tensor:
@@ -151,15 +181,20 @@ def sample_step(logits: torch.Tensor, n_reveal: int, t: float, config: SamplerCo
         factor = 1.0 - t
     else:
         factor = config.noise_factor(step, steps)
-    raw = logits.float()                                                                # (B, M, K)
+    noise = DTYPES[config.noise_dtype]
+    raw = logits.to(DTYPES[config.logits_dtype])                                         # (B, M, K)
     scaled = raw * config.logit_scale if config.logit_scale != 1.0 else raw
     scaled = scaled / config.temperature
-    drawn = (scaled + gumbel(scaled.shape, generator, scaled.device)).argmax(-1)        # (B, M)
+    drawn = (scaled + gumbel(scaled.shape, generator, scaled.device, noise)).argmax(-1)  # (B, M)
     scored = scaled if config.tempered_confidence else raw
-    confidence = torch.log_softmax(scored, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    if config.logits_dtype == "float32":
+        confidence = torch.log_softmax(scored, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    else:                               # the reference's ops, in its dtype (rounding differs)
+        p = torch.softmax(scored, -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)       # (B, M)
+        confidence = torch.log(p.clamp_min(1e-20))
     if config.choice_temperature > 0:
         confidence = confidence + config.choice_temperature * factor * gumbel(
-            confidence.shape, generator, confidence.device)
+            confidence.shape, generator, confidence.device, noise)
     chosen = confidence.topk(n_reveal, dim=-1).indices                                  # (B, n)
     keep = torch.zeros_like(drawn, dtype=torch.bool).scatter_(1, chosen, True)
     return drawn, keep

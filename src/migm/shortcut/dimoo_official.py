@@ -14,6 +14,9 @@ one) is the feature source's business (accel/sequence.py); this module only maps
 
 Reference facts this relies on (Kaiwen-Zhu/MIGM-Shortcut@93349c4 DiMOO-Shortcut/; details with
 line numbers in the project notes, dimoo_shortcut_reference.md):
+- infer.py l.49-56: cfg = AutoConfig.from_pretrained(checkpoint) (the base's config.json), then
+  MDMShortcut(cfg, ...); model/shortcut_model.py MDMShortcut copies cfg and sets d_model only, so
+  heads, kv heads, MLP width and RoPE theta are the base's config.json values;
 - model/shortcut_model.py MDMShortcut: proj_in (D -> round(D / ratio)), `blocks` of (cross_attn,
   self_attn) LLaDA llama blocks at that width with the base's heads, MLP width (12288, not scaled)
   and RoPE theta, then ln_f (RMSNorm), then ONE adaLN: (scale, shift) = adaLN_modulation(
@@ -45,27 +48,39 @@ from einops import rearrange
 from torch import nn
 
 from migm.shortcut.sequence import SequenceStep
-from migm.models.assets import CheckpointError
-from migm.models.llada import DiMOOConfig, LLaDABlock, RMSNorm, _check_fit, rope_tables, rotate
+from migm.files import CheckpointError
+from migm.models.llada import DiMOOConfig, LLaDABlock, RMSNorm, rope_tables, rotate
+from migm.models.safetensors_files import check_fit
 from migm.shortcut.network import NetworkConfig, modulate, timestep_embedding
 
 HOW_TO_GET = ("download DiMOO-Shortcut/dimoo-shortcut.pth from the Kaiwen-Zhu/MIGM-Shortcut "
               "repository on the model hub (its DiMOO-Shortcut README) and pass its local path")
 
 
+# the fields MDMShortcut copies from the base's config (shortcut_model.py l.227-245 changes only
+# d_model): ours -> DiMOOConfig's, i.e. config.json's names
+BASE_FIELDS = {"heads": "n_heads", "kv_heads": "n_kv_heads", "mlp_hidden": "mlp_hidden_size",
+               "rope_theta": "rope_theta", "rms_norm_eps": "rms_norm_eps"}
+
+
 @dataclass
 class DiMOOShortcutConfig(NetworkConfig):
     """Defaults: the released DiMOO-Shortcut (n_block 1, bottleneck_ratio 2, embed_t, with cross
-    attention) on Lumina-DiMOO's LLaDA-8B config."""
+    attention). Its heads, kv heads, MLP width, RoPE theta and norm eps are the base's (the
+    reference builds it from the base's AutoConfig and changes d_model only): read from
+    `base_config` (the base's config.json or checkpoint directory) when given, else the
+    DiMOOConfig defaults (Lumina-DiMOO's LLaDA-8B); a value set here that disagrees with
+    `base_config` is an error, and `load_weights` checks them against the loaded base."""
 
     feature_dim: int = 4096         # D: the base's d_model (its features' width)
     ratio: float = 2.0              # bottleneck_ratio: the blocks run at round(D / ratio)
     blocks: int = 1                 # n_block: (cross-attention, self-attention) block pairs
-    heads: int = 32                 # the base's n_heads, kept at the bottleneck (head dim 64)
-    kv_heads: int | None = None     # the base's n_kv_heads (None: heads)
-    mlp_hidden: int = 12288         # the base's mlp_hidden_size, NOT scaled by the ratio
-    rope_theta: float = 500000.0
-    rms_norm_eps: float = 1e-5
+    heads: int | None = None        # the base's n_heads, kept at the bottleneck (head dim 64)
+    kv_heads: int | None = None     # the base's n_kv_heads (None in config.json: heads)
+    mlp_hidden: int | None = None   # the base's mlp_hidden_size, NOT scaled by the ratio
+    rope_theta: float | None = None  # the base's rope_theta
+    rms_norm_eps: float | None = None  # the base's rms_norm_eps
+    base_config: str | None = None  # the base's config.json (or its directory): the fields above
     time_frequencies: int = 256     # sinusoid size of the mask-ratio embedding
     embed_t: bool = True            # False: no time embedding and no adaLN (the ablation)
     cross_attention: bool = True    # False: no_ca, the first block of a pair is self-attention
@@ -73,6 +88,7 @@ class DiMOOShortcutConfig(NetworkConfig):
                                     # tokens only, like the unconditional ones (train and run alike)
 
     def __post_init__(self) -> None:
+        self._fill_from_base()
         if self.ratio < 1:
             raise ValueError(f"ratio must be >= 1 (the blocks run at round(D / ratio)), "
                              f"got {self.ratio}")
@@ -88,6 +104,42 @@ class DiMOOShortcutConfig(NetworkConfig):
         if self.time_frequencies < 2 or self.time_frequencies % 2:
             raise ValueError(f"time_frequencies must be even and >= 2, got {self.time_frequencies}")
 
+    def _fill_from_base(self) -> None:
+        """Unset base fields from `base_config` (else DiMOOConfig's defaults); set ones checked."""
+        if self.base_config is None:
+            base, where = DiMOOConfig(), None
+        else:
+            path = Path(self.base_config)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise CheckpointError(f"DiMOO shortcut base_config: {path} not found (the base "
+                                      "checkpoint's config.json)")
+            base, where = DiMOOConfig.from_json(path), str(path)
+            if self.feature_dim != base.d_model:
+                raise ValueError(f"feature_dim {self.feature_dim} != d_model {base.d_model} of {where}")
+        if self.heads is None:
+            self.heads = base.n_heads
+        for ours, theirs in BASE_FIELDS.items():
+            if ours == "kv_heads" and self.kv_heads is None and where is None:
+                continue                      # None: as many as heads (LLaDA's n_kv_heads None)
+            if getattr(self, ours) is None:
+                setattr(self, ours, getattr(base, theirs))
+        if where is not None:
+            self.check_base(base, where, ValueError)
+
+    def check_base(self, base: DiMOOConfig, where: str = "the base",
+                   error: type[Exception] = CheckpointError) -> None:
+        """Raise naming the first field that differs from the base's (the shortcut's blocks are the
+        base's at a narrower width: trained on one config, they are wrong on another)."""
+        for ours, theirs in BASE_FIELDS.items():
+            mine, value = getattr(self, ours), getattr(base, theirs)
+            if ours == "kv_heads":                    # None means as many as the query heads
+                mine, value = mine or self.heads, value or base.n_heads
+            if mine != value:
+                raise error(f"DiMOO shortcut {ours} {mine} != {theirs} {value} of {where}: the "
+                            "official shortcut takes it from the base (set base_config to the "
+                            "base's config.json, or leave the field unset)")
+
     @property
     def width(self) -> int:
         return round(self.feature_dim / self.ratio)
@@ -102,7 +154,10 @@ class DiMOOShortcutConfig(NetworkConfig):
         return DiMOOShortcut(self)
 
     def load_weights(self, path: str, base) -> dict[str, torch.Tensor]:
-        """The released dimoo-shortcut.pth (or any file in its layout)."""
+        """The released dimoo-shortcut.pth (or any file in its layout), after checking that the
+        base's config is the one this config's blocks were taken from."""
+        if isinstance(getattr(base, "config", None), DiMOOConfig):
+            self.check_base(base.config, "the loaded DiMOO base")
         return load_official_dimoo_shortcut(path, self).state_dict()
 
 
@@ -279,7 +334,7 @@ def load_official_dimoo_shortcut(path: str | Path, config: DiMOOShortcutConfig |
     c = config
     summary = (f"D={c.feature_dim}, width {c.width}, {c.blocks} block pair(s), {c.heads} heads, "
                f"MLP {c.mlp_hidden}, embed_t={c.embed_t}, cross_attention={c.cross_attention}")
-    _check_fit(path, "DiMOO shortcut", {k: v.shape for k, v in state.items()}, expected, summary)
+    check_fit(path, "DiMOO shortcut", {k: v.shape for k, v in state.items()}, expected, summary)
     net.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
                         assign=True)
     return net.eval()
