@@ -42,13 +42,13 @@ test-all: setup
 # A second `make demo` reuses what is complete: finished shards, a finished fit (fit.done).
 DEMO := $(RUNS)/demo
 demo: setup
-	$(PY) -m migm collect --config experiments/demo_collect.yaml
+	$(PY) -m migm collect --config configs/collect_tiny.yaml --config experiments/demo_collect.yaml
 	$(MAKE) --no-print-directory $(DEMO)/fit.done
-	$(PY) -m migm test --config experiments/demo.yaml --ckpt_path $(DEMO)/checkpoints/best.ckpt
+	$(PY) -m migm test --config configs/tiny.yaml --config experiments/demo.yaml --ckpt_path $(DEMO)/checkpoints/best.ckpt
 	@echo "pictures: $(DEMO)/eval/pareto.png $(DEMO)/eval/samples.png; table: $(DEMO)/eval/results.jsonl"
 
 $(DEMO)/fit.done:
-	$(PY) -m migm fit --config experiments/demo.yaml $$([ -f $(DEMO)/checkpoints/last.ckpt ] && echo --ckpt_path $(DEMO)/checkpoints/last.ckpt)
+	$(PY) -m migm fit --config configs/tiny.yaml --config experiments/demo.yaml $$([ -f $(DEMO)/checkpoints/last.ckpt ] && echo --ckpt_path $(DEMO)/checkpoints/last.ckpt)
 	touch $@
 
 # The full vanilla evaluation quoted in the README (about 15 minutes here).
@@ -80,8 +80,8 @@ tokenizer: setup
 	$(PY) -m migm export tokenizer $(RUNS)/base/tokenizer/last.ckpt --trained_with "make tokenizer"
 
 base-model: setup
-	$(PY) -m migm fit --config configs/base/maskgit.yaml $$([ -f $(RUNS)/base/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base/maskgit/last.ckpt)
-	$(PY) -m migm export base $(RUNS)/base/maskgit/last.ckpt --trained_with "make base-model"
+	$(PY) -m migm fit --config configs/base/transformer.yaml $$([ -f $(RUNS)/base/transformer/last.ckpt ] && echo --ckpt_path $(RUNS)/base/transformer/last.ckpt)
+	$(PY) -m migm export base $(RUNS)/base/transformer/last.ckpt --trained_with "make base-model"
 
 classifier: setup
 	$(PY) -m migm fit --config configs/base/classifier.yaml
@@ -93,15 +93,15 @@ classifier: setup
 base196: setup
 	[ -f src/migm/assets/tokenizer196.pt ] || { $(PY) -m migm fit --config configs/base196/tokenizer.yaml && \
 	  $(PY) -m migm export tokenizer $(RUNS)/base196/tokenizer/last.ckpt --out src/migm/assets/tokenizer196.pt --trained_with "make base196"; }
-	$(PY) -m migm fit --config configs/base196/maskgit.yaml $$([ -f $(RUNS)/base196/maskgit/last.ckpt ] && echo --ckpt_path $(RUNS)/base196/maskgit/last.ckpt)
-	$(PY) -m migm export base $(RUNS)/base196/maskgit/last.ckpt --out src/migm/assets/base196.pt --trained_with "make base196"
+	$(PY) -m migm fit --config configs/base196/transformer.yaml $$([ -f $(RUNS)/base196/transformer/last.ckpt ] && echo --ckpt_path $(RUNS)/base196/transformer/last.ckpt)
+	$(PY) -m migm export base $(RUNS)/base196/transformer/last.ckpt --out src/migm/assets/base196.pt --trained_with "make base196"
 
 # Issue 17's regime study on it: record 1,000 trajectories, train its shortcut, evaluate
 # vanilla / shortcut / reuse on held-out seeds (docs/results.md, "The regime").
 regime196: setup
 	$(PY) -m migm collect --config configs/collect_tiny196.yaml
 	$(PY) -m migm fit --config configs/tiny196.yaml $$([ -f $(RUNS)/tiny196/checkpoints/last.ckpt ] && echo --ckpt_path $(RUNS)/tiny196/checkpoints/last.ckpt)
-	$(PY) -m migm test --config configs/tiny196.yaml --config experiments/regime196/heldout.yaml --ckpt_path $(RUNS)/tiny196/checkpoints/last.ckpt
+	$(PY) -m migm test --config configs/tiny196.yaml --config experiments/archive/regime196/heldout.yaml --ckpt_path $(RUNS)/tiny196/checkpoints/last.ckpt
 
 # Every method on the embedded default, one run, one machine, the same seeds (docs/results.md).
 pareto: setup

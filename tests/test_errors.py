@@ -49,7 +49,7 @@ def tiny_config(tmp_path: Path, edit) -> str:
 
 def test_a_setting_that_cannot_apply_names_its_field(tmp_path):
     def budgets_over_steps(cfg):
-        cfg["model"]["init_args"]["evaluation"]["methods"][1]["init_args"].update(steps=[4], budgets=[8])
+        cfg["evaluation"]["methods"][1]["init_args"].update(steps=[4], budgets=[8])
     line = assert_one_line(run_cli("test", "--config", tiny_config(tmp_path, budgets_over_steps)),
                            "Shortcut.budgets", "B=8", "N=4")
     assert len(line) < 400
@@ -57,7 +57,7 @@ def test_a_setting_that_cannot_apply_names_its_field(tmp_path):
 
 def test_a_negative_temperature_is_the_methods_field_not_the_samplers(tmp_path):
     def negative(cfg):
-        cfg["model"]["init_args"]["evaluation"]["methods"][1]["init_args"]["temperature"] = -1
+        cfg["evaluation"]["methods"][1]["init_args"]["temperature"] = -1
     assert_one_line(run_cli("test", "--config", tiny_config(tmp_path, negative)), "Shortcut.temperature")
 
 

@@ -64,11 +64,10 @@ def _on_cpu(cfg: dict, root: Path, **trainer) -> dict:
     offline start costs seconds; the CSV logger stays)."""
     t = cfg["trainer"]
     t.update(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
-             default_root_dir=str(root), enable_progress_bar=False, **trainer)
+             enable_progress_bar=False, **trainer)
+    cfg["run"] = {"root": str(root)}                 # every output path follows the run's root
     if "logger" in t and t["logger"]:
         t["logger"] = [lg for lg in t["logger"] if "Wandb" not in lg["class_path"]]
-        for lg in t["logger"]:
-            lg["init_args"]["save_dir"] = str(root)
     return cfg
 
 
@@ -106,13 +105,12 @@ def maskgit_fit(tmp_path_factory):
     run = root / "run"
     cfg = _on_cpu(_shipped("maskgit.yaml"), run, max_epochs=1, limit_train_batches=4,
                   limit_val_batches=2, log_every_n_steps=1)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
     m = cfg["model"]["init_args"]
     m["network"]["init_args"].update(feature_dim=32, vocab_size=16, num_tokens=64, heads=4)
-    m.update(files, warmup_steps=2, out_dir=str(run / "eval"))
-    m["evaluation"].update(latency_batch=2, latency_repeats=1, keep_images=4)   # Table 1's grid, whole
-    m["metrics"].update(inception_path=str(inception), reference=str(root / "imagenet_val.npz"),
-                        cache_dir=str(root / "cache"))
+    m.update(files, warmup_steps=2)
+    cfg["evaluation"].update(latency_batch=2, latency_repeats=1, keep_images=4)   # Table 1's grid, whole
+    cfg["metrics"].update(inception_path=str(inception), reference=str(root / "imagenet_val.npz"),
+                          cache_dir=str(root / "cache"))
     cfg["data"]["init_args"].update(dirs=[str(traj)], batch_size=8, num_workers=0, val_fraction=0.2,
                                     test_samples=10, test_batch_size=10, num_classes=config.num_classes)
     config_path = _write(cfg, root / "maskgit.yaml")
@@ -149,21 +147,21 @@ def test_maskgit_collect_fit_test_through_the_shipped_configs(maskgit_fit):
 
 def test_maskgit_released_shortcut_layout_is_evaluated_with_test_weights(maskgit_fit, capsys):
     """A random checkpoint in maskgit-shortcut.pth's key layout, through the shipped config with
-    --model.init_args.test_weights, no --ckpt_path."""
+    --evaluation.weights, no --ckpt_path."""
     from migm.shortcut.maskgit_official import MaskGITShortcutConfig
 
     official = _tests_module("shortcut/test_maskgit_official.py")
     weights, _ = official.save_official(maskgit_fit["root"], MaskGITShortcutConfig(**maskgit_fit["network"]))
     cfg = yaml.safe_load(Path(maskgit_fit["config"]).read_text())
-    m = cfg["model"]["init_args"]
-    vanilla, shortcut = m["evaluation"]["methods"][:2]                           # N15, N15/B7
-    m["evaluation"]["methods"] = [{**vanilla, "init_args": {"steps": [15]}},
-                                  {**shortcut, "init_args": {**shortcut["init_args"], "budgets": [7]}}]
+    e = cfg["evaluation"]
+    vanilla, shortcut = e["methods"][:2]                                        # N15, N15/B7
+    e["methods"] = [{**vanilla, "init_args": {"steps": [15]}},
+                    {**shortcut, "init_args": {**shortcut["init_args"], "budgets": [7]}}]
     out = maskgit_fit["root"] / "official"
-    m["out_dir"] = str(out)
+    e["out_dir"] = str(out)
     main(["test", "--config", _write(cfg, maskgit_fit["root"] / "official.yaml"),
-          "--model.init_args.test_weights", str(weights)])
-    assert f"evaluating {weights}" in capsys.readouterr().out
+          "--evaluation.weights", str(weights)])
+    assert f"evaluating shortcut weights {weights}" in capsys.readouterr().out
     rows = _rows(out)
     assert [(r["label"], r["base_calls"], r["shortcut_calls"] or 0) for r in rows] == [("N15", 15, 0), ("N15/B7", 7, 8)]
     assert all(np.isfinite(r["fid_inception"]) for r in rows)
@@ -175,7 +173,7 @@ def test_fit_refuses_shards_recorded_for_the_other_network_kind(maskgit_fit):
     would train without an error and be wrong at test: refused, saying how to collect."""
     from migm.data.trajectories import open_shard
     from migm.shortcut.maskgit_official import MaskGITShortcutConfig
-    from migm.shortcut.module import ShortcutModule
+    from migm.training.shortcut import ShortcutModule
     from migm.shortcut.network import ShortcutConfig
 
     schema, _ = open_shard(sorted(maskgit_fit["traj"].glob("shard-*.h5"))[0])
@@ -197,7 +195,7 @@ def test_the_official_shortcut_reads_the_class_slot_and_is_scored_on_the_grid(ma
 
     from migm.data.datamodule import TrajectoryDataModule
     from migm.shortcut.maskgit_official import MaskGITShortcutConfig
-    from migm.shortcut.module import ShortcutModule
+    from migm.training.shortcut import ShortcutModule
 
     dm = TrajectoryDataModule([str(maskgit_fit["traj"])], val_fraction=0.2, batch_size=4)
     dm.setup("fit")
@@ -249,12 +247,11 @@ def dimoo_fit(tmp_path_factory):
     run = root / "run"
     cfg = _on_cpu(_shipped("dimoo.yaml"), run, max_epochs=1, limit_train_batches=4,
                   limit_val_batches=2, log_every_n_steps=1)
-    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(run / "checkpoints")
     m = cfg["model"]["init_args"]
     m["network"]["init_args"].update(feature_dim=32, vocab_size=16, num_tokens=80, heads=4)
-    m.update(files, warmup_steps=2, out_dir=str(run / "eval"))
-    m["evaluation"].update(latency_repeats=1, keep_images=3)                  # Table 2's grid, whole
-    m["metrics"].update(clip_path=str(clip), image_reward_path=str(reward), cache_dir=str(root / "cache"))
+    m.update(files, warmup_steps=2)
+    cfg["evaluation"].update(latency_repeats=1, keep_images=3)                # Table 2's grid, whole
+    cfg["metrics"].update(clip_path=str(clip), image_reward_path=str(reward), cache_dir=str(root / "cache"))
     cfg["data"]["init_args"].update(dirs=[str(traj)], batch_size=4, num_workers=0, val_fraction=0.34,
                                     test_samples=len(DIMOO_PROMPTS), test_batch_size=len(DIMOO_PROMPTS))
     config_path = _write(cfg, root / "dimoo.yaml")
@@ -288,8 +285,8 @@ def test_dimoo_collect_fit_test_through_the_shipped_configs(dimoo_fit):
 
 
 def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, capsys):
-    """`test --model.init_args.network configs/networks/dimoo_official.yaml --model.init_args.
-    test_weights <file>`: the official whole-sequence network (sizes overridden) from a random
+    """`test --model.init_args.network configs/networks/dimoo_official.yaml --evaluation.weights
+    <file>`: the official whole-sequence network (sizes overridden) from a random
     file in dimoo-shortcut.pth's layout, prompt tokens fed on the conditional branch."""
     official = _tests_module("shortcut/test_dimoo_official.py")
     root = dimoo_fit["root"]
@@ -300,15 +297,15 @@ def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, c
     official.save_official(weights, official.official_shapes(32, c["ratio"], c["blocks"], c["heads"], None,
                                                              c["mlp_hidden"], c["embed_t"], c["cross_attention"]))
     cfg = yaml.safe_load(Path(dimoo_fit["config"]).read_text())
-    m = cfg["model"]["init_args"]
-    vanilla, shortcut = m["evaluation"]["methods"][:2]                           # N64, N64/B9
-    m["evaluation"]["methods"] = [{**vanilla, "init_args": {"steps": [64]}},
-                                  {**shortcut, "init_args": {**shortcut["init_args"], "budgets": [9]}}]
-    m["out_dir"] = str(root / "official")
+    e = cfg["evaluation"]
+    vanilla, shortcut = e["methods"][:2]                                        # N64, N64/B9
+    e["methods"] = [{**vanilla, "init_args": {"steps": [64]}},
+                    {**shortcut, "init_args": {**shortcut["init_args"], "budgets": [9]}}]
+    e["out_dir"] = str(root / "official")
     main(["test", "--config", _write(cfg, root / "official.yaml"),
           "--model.init_args.network", _write(network, root / "dimoo_official.yaml"),
-          "--model.init_args.test_weights", str(weights)])
-    assert f"evaluating {weights}" in capsys.readouterr().out
+          "--evaluation.weights", str(weights)])
+    assert f"evaluating shortcut weights {weights}" in capsys.readouterr().out
     rows = _rows(root / "official")
     assert [(r["label"], r["base_calls"], r["shortcut_calls"] or 0) for r in rows] == [("N64", 64, 0), ("N64/B9", 9, 55)]
     assert all(0 <= r["clip_score"] <= 100 and np.isfinite(r["image_reward"]) for r in rows)

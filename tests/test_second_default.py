@@ -21,10 +21,9 @@ def test_test_runs_the_shipped_shortcut196_through_configs_tiny196(tmp_path):
     vanilla, the shipped shortcut and the adaptive refresh on 196-token grids, scored."""
     cfg = yaml.safe_load((REPO / "configs/tiny196.yaml").read_text())
     cfg["trainer"]["logger"] = False
-    init = cfg["model"]["init_args"]
-    init["out_dir"] = str(tmp_path / "eval")
-    init["metrics"]["reference_samples"] = 200
-    init["evaluation"].update(reference_steps=4, latency_batch=4, latency_repeats=1, methods=[
+    cfg["run"] = {"root": str(tmp_path)}
+    cfg["metrics"]["reference_samples"] = 200
+    cfg["evaluation"].update(reference_steps=4, latency_batch=4, latency_repeats=1, methods=[
         {"class_path": "migm.accel.method.Vanilla", "init_args": {"steps": [4]}},
         {"class_path": "migm.accel.shortcut.Shortcut", "init_args": {"steps": [4], "budgets": [2]}},
         {"class_path": "migm.accel.adaptive.AdaptiveShortcut",

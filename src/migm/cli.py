@@ -82,8 +82,9 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 
 def refuse_a_lone_override(argv: list[str]) -> None:
-    """experiments/*.yaml overrides (a `model` without class_path) need the config they override
-    first; alone, jsonargparse would only say "Option 'evaluation.methods' is not accepted"."""
+    """An experiment is an override of a shipped config (it has no model class_path); alone,
+    jsonargparse would only say "Option 'evaluation.methods' is not accepted" or build the
+    default model: name the config it overrides instead."""
     if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
         return
     configs = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
@@ -96,10 +97,10 @@ def refuse_a_lone_override(argv: list[str]) -> None:
     except yaml.YAMLError:
         return                                   # jsonargparse names the file and the syntax error
     model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, dict) and "class_path" not in model:
+    if isinstance(data, dict) and not (isinstance(model, dict) and "class_path" in model):
         found = re.search(r"--config (\S+) --config \S*" + re.escape(first.name), first.read_text())
         base = found.group(1) if found else "the config it overrides"
-        raise ValueError(f"{first}: an override (its model has no class_path); give the config it "
+        raise ValueError(f"{first}: an override (it names no model class_path); give the config it "
                          f"overrides first: --config {base} --config {first}")
 
 
@@ -114,16 +115,68 @@ class LoggedConfig(SaveConfigCallback):
 
 
 class MigmCLI(LightningCLI):
+    """LightningCLI plus the project's three top-level sections: `run` (the run's name, from
+    which every output path follows; run.py), `evaluation` (the grid `test` runs and the fit-time
+    callback samples like) and `metrics` (what samples are measured against).
+
+    `test` always runs EvaluationModule: the config's `model` names the base and the shortcut
+    network (a ShortcutModule's fields, or an EvaluationModule's own), and --ckpt_path names the
+    fit checkpoint whose shortcut weights are evaluated (never a state to restore)."""
+
     def __init__(self, *args, **kwargs) -> None:
+        global _LAST_CLI
+        _LAST_CLI = self
         enable_method_classes()
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from migm.evaluation.grid import default_methods
+        from migm.evaluation.module import EvaluationConfig
+        from migm.evaluation.setup import MetricsConfig
+        from migm.run import RunConfig
+        parser.add_class_arguments(RunConfig, "run", fail_untyped=False)
+        parser.add_class_arguments(EvaluationConfig, "evaluation", fail_untyped=False)
+        parser.add_class_arguments(MetricsConfig, "metrics", fail_untyped=False)
+        # the default grid as class_path dicts (instances would not serialise into config.yaml)
+        parser.set_defaults({"evaluation.methods": [as_class_path(m) for m in default_methods()]})
+
+    def before_instantiate_classes(self) -> None:
+        from migm.run import RunConfig, apply_run
+        config = self.config[self.subcommand]
+        files = [str(p) for p in (config.get("config") or [])]
+        run = RunConfig(**{k: config["run"][k] for k in ("name", "root", "group", "tags")})
+        self.run = run.resolved(files)
+        config["run"] = vars(self.run) | {}
+        apply_run(config, self.run, self.subcommand)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        init = self.config_init[self.subcommand]
+        evaluation, metrics = init["evaluation"], init["metrics"]
+        if self.subcommand == "test":
+            from migm.evaluation.module import EvaluationModule
+            self.model = EvaluationModule(**base_fields(self.model), evaluation=evaluation, metrics=metrics)
+        from migm.evaluation.callback import EvaluationCallback
+        from migm.run import Preemption
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationCallback):
+                callback.like, callback.like_metrics = evaluation, metrics
+        self.preemption = Preemption()                 # what a signalled run saved (cli())
+        self.trainer.callbacks.append(self.preemption)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "test" and kwargs.get("ckpt_path"):
+            self.model.checkpoint = str(kwargs.pop("ckpt_path"))     # its weights, not a state
+        return kwargs
+
 
     def _parse_ckpt_path(self) -> None:
         """The config (with its command-line overrides) decides the module; --ckpt_path only
         supplies weights and training state.
 
         Lightning's default replaces the config's model arguments with the hyperparameters saved in
-        the checkpoint, so `test --ckpt_path C --model.init_args.evaluation.reference_steps 8`
+        the checkpoint, so `test --ckpt_path C --evaluation.reference_steps 8`
         silently ran the grid the model was trained with. A network that does not fit the
         checkpoint still fails loudly, at load_state_dict. What is checked here is that the file is
         a Lightning checkpoint at all (not a shard, an empty file or a shipped asset), in one line.
@@ -131,8 +184,24 @@ class MigmCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
-            from migm.training.checkpoint_read import load_lightning_checkpoint
+            from migm.ckpt import load_lightning_checkpoint
             load_lightning_checkpoint(ckpt_path)
+
+
+def as_class_path(config) -> dict:
+    """A config dataclass as YAML spells it: {"class_path", "init_args"}."""
+    import dataclasses
+    return {"class_path": f"{type(config).__module__}.{type(config).__qualname__}",
+            "init_args": dataclasses.asdict(config)}
+
+
+def base_fields(model) -> dict:
+    """What `test` takes from the config's model: the base it names and the shortcut network."""
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError(f"test: model {type(model).__name__} names no base MIGM; use a shortcut "
+                         "config (ShortcutModule) or migm.evaluation.module.EvaluationModule")
+    return {**spec, "network": getattr(model, "network_config", None)}
 
 
 def default_wandb_mode() -> None:
@@ -153,6 +222,17 @@ def enable_method_classes() -> None:
     from migm.accel.method import Method
     from migm.shortcut.network import NetworkConfig
     set_parsing_settings(subclasses_enabled=[Method, NetworkConfig])
+
+
+_LAST_CLI = None            # the last LightningCLI built, so `cli` can read what a stopped run saved
+
+
+def stopped(stop: SystemExit, preemption) -> None:
+    """Exit 128 + signal, with one line, if the SystemExit is a signalled Lightning run's."""
+    if preemption is None or preemption.signal is None:
+        return
+    print(f"error: {preemption.message(sys.argv[1:])}", file=sys.stderr)
+    sys.exit(128 + int(preemption.signal))
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True, raise_errors: bool = False) -> LightningCLI:
@@ -196,7 +276,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from migm.data.trajectories import ShardError
-    from migm.models.assets import CheckpointError
+    from migm.files import CheckpointError
     # MisconfigurationException: a trainer setting this machine cannot honour ("No supported gpu
     # backend found!" for the shipped accelerator: gpu configs on a CPU-only machine)
     return (CheckpointError, ShardError, ValueError, FileNotFoundError, FloatingPointError, KeyError,
@@ -204,9 +284,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cli() -> None:
-    """The command-line program: a user error is one line on stderr and exit status 1."""
+    """The command-line program: a user error is one line on stderr and exit status 1; a run
+    stopped by SIGTERM or SIGINT says what it saved and exits 128 + the signal."""
     try:
         main(raise_errors=not os.environ.get("MIGM_DEBUG"))
+    except SystemExit as stop:
+        stopped(stop, getattr(_LAST_CLI, "preemption", None))
+        raise
     except user_errors() as err:
         if os.environ.get("MIGM_DEBUG"):
             raise

@@ -10,9 +10,30 @@ from typing import Literal
 
 import torch
 
+from migm.ckpt import load_lightning_checkpoint
+from migm.data.collection import CollectionModule
+from migm.data.throughput import (
+    bytes_per_trajectory,
+    collection_rate,
+    loader_rate,
+    recompress,
+    shortcut_step_rate,
+)
+from migm.evaluation.bench import end_to_end, shortcut_costs, step_costs
+from migm.evaluation.curves import plot_step_curves, read_step_curves
+from migm.evaluation.grid import GridConfig
+from migm.evaluation.images import save_grid
+from migm.evaluation.report import format_table, write_report
 from migm.evaluation.setup import MetricsConfig, build_metrics
-from migm.models.assets import ASSET_DIR, CheckpointError, save_checkpoint
+from migm.evaluation.vanilla import reconstruction_row, score_steps
+from migm.files import CheckpointError, atomic_write_bytes
+from migm.models.assets import ASSET_DIR, save_checkpoint
+from migm.models.tiny import TinyMIGM
+from migm.sampling.loop import VanillaSource
+from migm.sampling.loop import generate as run_loop
 from migm.sampling.sampler import SamplerConfig
+from migm.shortcut.network import ShortcutConfig, ShortcutNetwork, load_shortcut
+from migm.training.shortcut import ShortcutModule
 
 # Which submodule of each training LightningModule holds the weights that ship.
 _EXPORT_PREFIX = {"tokenizer": "tokenizer.", "base": "ema.", "classifier": "net.", "shortcut": "ema."}
@@ -29,7 +50,6 @@ def export(kind: Literal["tokenizer", "base", "classifier", "shortcut"], checkpo
         out: destination; defaults to src/migm/assets/<kind>.pt.
         trained_with: the command that produced `checkpoint`, recorded in the manifest.
     """
-    from migm.training.checkpoint_read import load_lightning_checkpoint
     checkpoint = Path(checkpoint)
     ckpt = load_lightning_checkpoint(checkpoint)
     prefix = _EXPORT_PREFIX[kind]
@@ -63,7 +83,6 @@ def _monitored(ckpt: dict) -> dict:
 
 
 def _load_base(base: str, tokenizer: str):
-    from migm.models.tiny import TinyMIGM
     return TinyMIGM.from_assets(base=base, tokenizer=tokenizer)
 
 
@@ -84,9 +103,6 @@ def generate(steps: int = 16, classes: list[int] | None = None, per_class: int =
         tokenizer: tokenizer weights (asset name or path).
         out: where the PNG is written.
     """
-    from migm.evaluation.images import save_grid
-    from migm.sampling.loop import VanillaSource
-    from migm.sampling.loop import generate as run_loop
 
     model = _load_base(base, tokenizer)
     classes = list(range(model.num_classes)) if classes is None else classes
@@ -123,9 +139,6 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
         tokenizer: tokenizer weights.
         out_dir: output directory.
     """
-    from migm.evaluation.grid import GridConfig
-    from migm.evaluation.report import format_table, write_report
-    from migm.evaluation.vanilla import reconstruction_row, score_steps
 
     model = _load_base(base, tokenizer)
     quality = build_metrics(metrics, model, "tiny")
@@ -162,8 +175,6 @@ def bench(batch_size: int = 64, repeats: int = 5, steps: int = 32, budgets: list
     """
     import json
 
-    from migm.evaluation.bench import end_to_end, shortcut_costs, step_costs
-    from migm.models.assets import atomic_write_bytes
 
     model = _load_base(base, tokenizer)
     net = _shortcut_or_default(shortcut, model)
@@ -190,16 +201,12 @@ def curves(logs: list[Path], metric: str = "rel_err", out: Path = Path("step_cur
         metric: rel_err, cosine or argmax_agree.
         out: the PNG to write.
     """
-    from migm.evaluation.curves import plot_step_curves, read_step_curves
     path = plot_step_curves(read_step_curves([Path(p) for p in logs], metric), Path(out), metric)
     print(f"wrote {path}")
     return path
 
 
 def _shortcut_or_default(name: str, model):
-    from migm.models.assets import ASSET_DIR
-    from migm.shortcut.module import load_shortcut
-    from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
     if (ASSET_DIR / name).exists() or Path(name).exists():
         return load_shortcut(name).eval()
     return ShortcutNetwork(ShortcutConfig(feature_dim=model.feature_dim, vocab_size=model.vocab_size,
@@ -210,15 +217,6 @@ def _data_bench(source: Path, work: Path, base: str, tokenizer: str) -> list[dic
     """Collection rate, then size and loader rate (0 and 2 workers) per compression."""
     import json
 
-    from migm.data.collection import CollectionModule
-    from migm.data.throughput import (
-        bytes_per_trajectory,
-        collection_rate,
-        loader_rate,
-        recompress,
-        shortcut_step_rate,
-    )
-    from migm.shortcut.module import ShortcutModule
 
     manifest_steps = json.loads((source / "manifest.json").read_text())["schema"]["steps"]
     rows = [{"collection_trajectories_per_s": collection_rate(

@@ -125,7 +125,9 @@ def test_a_user_base_path_is_that_file_and_its_sha256_is_the_provenance(tmp_path
 
     import pytest
 
-    from migm.models.assets import ASSET_DIR, CheckpointError, sha256
+    from migm.files import CheckpointError, sha256
+
+    from migm.models.assets import ASSET_DIR
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()

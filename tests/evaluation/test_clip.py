@@ -8,7 +8,7 @@ import torch
 
 from migm.evaluation.clip import class_prompts, load_clip, to_clip_images
 from migm.evaluation.quality import QualityMetrics
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 
 
 def save_clip(d):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from migm.evaluation.imagereward import load_image_reward
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 
 WORDS = ["a", "red", "cat", "blue", "dog", "on", "the", "mat", "old", "lighthouse", "at", "night", "##s"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]

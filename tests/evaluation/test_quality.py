@@ -6,7 +6,7 @@ from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load
 from migm.evaluation.latency import measure_latency
 from migm.evaluation.quality import QualityMetrics
 from migm.evaluation.reference import stats_from_images
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from migm.evaluation.features import InceptionFeatures
 from migm.evaluation.quality import QualityMetrics
 from migm.evaluation.reference import folder_stats, read_stats, stats_from_images
 from migm.evaluation.setup import MetricsConfig, build_metrics
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 
 
 class StandIn(torch.nn.Module):

@@ -56,13 +56,13 @@ def test_test_on_a_real_base_needs_its_own_shortcut_weights(tmp_path):
     from torch.utils.data import DataLoader
 
     from migm.data.collection import ConditionDataset
-    from migm.models.assets import CheckpointError
-    from migm.shortcut.module import ShortcutModule
+    from migm.files import CheckpointError
+    from migm.evaluation.module import EvaluationModule
     for name in ("MaskGIT.pth", "VQGAN.pth"):              # present (never read before the error)
         (tmp_path / name).touch()
-    module = ShortcutModule(base_kind="maskgit", base=str(tmp_path / "MaskGIT.pth"),
-                            tokenizer=str(tmp_path / "VQGAN.pth"),
-                            metrics=MetricsConfig(fid="none", classifier=None))
+    module = EvaluationModule(base_kind="maskgit", base=str(tmp_path / "MaskGIT.pth"),
+                              tokenizer=str(tmp_path / "VQGAN.pth"),
+                              metrics=MetricsConfig(fid="none", classifier=None))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=str(tmp_path))
     with pytest.raises(CheckpointError, match="test on the maskgit base needs trained shortcut weights: "

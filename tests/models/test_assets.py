@@ -3,14 +3,9 @@ import shutil
 import pytest
 import torch
 
-from migm.models.assets import (
-    ASSET_DIR,
-    CheckpointError,
-    load_checkpoint,
-    read_manifest,
-    save_checkpoint,
-    sha256,
-)
+from migm.files import CheckpointError, sha256
+
+from migm.models.assets import ASSET_DIR, load_checkpoint, read_manifest, save_checkpoint
 from migm.models.tiny import load_tokenizer
 
 
@@ -95,7 +90,7 @@ def test_atomic_writes_remove_orphans_of_dead_writers_only(tmp_path, caplog):
     import subprocess
     import sys
 
-    from migm.models.assets import atomic_write_bytes
+    from migm.files import atomic_write_bytes
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()

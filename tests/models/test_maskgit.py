@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.models.maskgit import MaskGITConfig, MaskGITMIGM, MaskGITTransformer, VQGANDecoder
 from migm.models.registry import load_base
 from migm.sampling.loop import VanillaSource, generate

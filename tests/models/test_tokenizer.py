@@ -4,7 +4,7 @@ import torch
 from migm.data.images import load_fashion_mnist, to_model_range
 from migm.models.tiny import load_tokenizer
 from migm.models.tokenizer import TokenizerConfig, VQTokenizer
-from migm.training.tokenizer import psnr
+from migm.models.tokenizer import psnr
 
 
 def test_shapes_and_straight_through_gradient():

@@ -18,7 +18,7 @@ from migm.accel.refresh import RefreshPlan
 from migm.accel.sequence import SequenceShortcutSource
 from migm.accel.shortcut import shortcut_source
 from migm.accel.shortcut import ShortcutSource
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.models.maskgit import MaskGITConfig, MaskGITMIGM, MaskGITTransformer, VQGANDecoder
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig

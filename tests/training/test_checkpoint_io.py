@@ -1,7 +1,10 @@
-"""Checkpoints: never written from non-finite weights, and last.ckpt is the final step."""
+"""Checkpoints: never written from non-finite weights, last.ckpt is the final step (inside its
+epoch, so a resume trains what a straight run would), a full disk is one error."""
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import subprocess
 import sys
@@ -13,7 +16,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError, DiskFullError
+from migm.training import checkpoint_io
 from migm.training.checkpoint_io import AtomicCheckpointIO, FinalStepCheckpoint
 
 
@@ -92,3 +96,150 @@ def test_ddp_last_checkpoint_is_the_final_step(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(tmp_path / "ckpt/last.ckpt", weights_only=False)["global_step"] == 10
+
+
+
+def _full_disk(room: int):
+    """`open` for the checkpoint writer on a disk with `room` bytes left: writes beyond fail with
+    ENOSPC, after the first ones landed (half a checkpoint in the temporary)."""
+    def fake(path, mode="r", *args, **kwargs):
+        left = room
+
+        class Full(io.BufferedWriter):
+            def write(self, data):
+                nonlocal left
+                if len(data) > left:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                left -= len(data)
+                return super().write(data)
+
+        assert mode == "wb"
+        return Full(io.FileIO(path, "w"))
+    return fake
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_error_and_the_last_one_resumes(tmp_path, monkeypatch):
+    def fit(max_steps, ckpt_path=None):
+        ckpt = FinalStepCheckpoint(dirpath=tmp_path, filename="best", monitor="val_loss", save_last=True)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                            callbacks=[ckpt], enable_progress_bar=False, enable_model_summary=False,
+                            plugins=[AtomicCheckpointIO()])
+        trainer.fit(Regression(), _data(14), _data(4), ckpt_path=ckpt_path)
+        return trainer
+
+    fit(5)
+    before = (tmp_path / "last.ckpt").read_bytes()
+    monkeypatch.setattr(checkpoint_io, "open", _full_disk(room=300), raising=False)
+    with pytest.raises(DiskFullError) as err:
+        fit(10, tmp_path / "last.ckpt")
+    assert str(err.value).startswith(f"{tmp_path / 'best.ckpt'}: no space left on device (")
+    assert "\n" not in str(err.value) and err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]       # no temporary left
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+    monkeypatch.undo()
+    assert fit(10, tmp_path / "last.ckpt").global_step == 10
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 10
+
+# --- a resume from any step trains exactly the batches of a straight run -------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """12 real trajectories of the shipped base at N=4 (both CFG branches), recorded by
+    `collect`: 9 train trajectories x 3 pairs x 2 branches = 54 samples, 7 batches of 8."""
+    import yaml
+
+    from migm.cli import REPO_ROOT, main
+
+    root = tmp_path_factory.mktemp("shards")
+    cfg = yaml.safe_load((REPO_ROOT / "configs/collect_tiny.yaml").read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(root / "traj"), batches_per_shard=2)
+    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(root / "traj"))
+    cfg["model"]["init_args"].update(steps=4)
+    cfg["data"]["init_args"].update(num_trajectories=12, batch_size=6)
+    (root / "collect.yaml").write_text(yaml.safe_dump(cfg))
+    main(["collect", "--config", str(root / "collect.yaml")])
+    return root / "traj"
+
+
+class Batches(L.Callback):
+    """Which samples each training batch held (epoch, batch index, the first sample's step and
+    a checksum of its features): a witness only, nothing of the run is changed."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, int(batch["step"][0]),
+                          float(batch["features"].double().sum())))
+
+
+def fit_shortcut(shards, out, max_steps: int, ckpt_path=None, devices: int = 1):
+    """ShortcutModule (a small network) on the recorded shards, checkpointed by
+    FinalStepCheckpoint: the module, the Batches witness and the trainer. The warm-up outlasts
+    every run, so the learning rate does not depend on max_steps (which plans the cosine)."""
+    from migm.data.datamodule import TrajectoryDataModule
+    from migm.shortcut.network import ShortcutConfig
+    from migm.training.shortcut import ShortcutModule
+
+    L.seed_everything(0, verbose=False)
+    network = ShortcutConfig(feature_dim=192, vocab_size=256, num_tokens=49, ratio=4, blocks=1,
+                             heads=2, mlp_ratio=1.0)
+    module = ShortcutModule(network=network, lr=1e-2, warmup_steps=1000)
+    data = TrajectoryDataModule(dirs=[str(shards)], val_fraction=0.25, batch_size=8)
+    witness = Batches()
+    ckpt = FinalStepCheckpoint(dirpath=out, filename="best", monitor="val/rel_err", save_last=True)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=devices, logger=False,
+                        callbacks=[ckpt, witness], enable_progress_bar=False, enable_model_summary=False,
+                        plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+                        **({"strategy": "ddp"} if devices > 1 else {}))
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, witness, trainer
+
+
+@pytest.mark.parametrize("stop", [5, 7, 9])
+def test_a_resume_from_any_step_trains_the_batches_of_a_straight_run(shards, tmp_path, stop):
+    """7 batches an epoch: stopped at step 5 (mid epoch 0), 7 (its end) or 9 (mid epoch 1),
+    then resumed to 12; the weights (EMA too) equal a straight run's bit for bit."""
+    straight, seen, _ = fit_shortcut(shards, tmp_path / "straight", 12)
+    _, first, _ = fit_shortcut(shards, tmp_path / "cut", stop)
+    ckpt = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == stop and ckpt["epoch"] == (stop - 1) // 7      # the epoch in progress
+    resumed, rest, _ = fit_shortcut(shards, tmp_path / "cut", 12, tmp_path / "cut/last.ckpt")
+    assert first.seen + rest.seen == seen.seen
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+DDP_RESUME = '''
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint_io import fit_shortcut
+from pathlib import Path
+shards, out = Path(sys.argv[1]), Path(sys.argv[3])
+straight, seen, trainer = fit_shortcut(shards, out / "straight", 6, devices=2)
+_, first, _ = fit_shortcut(shards, out / "cut", 2, devices=2)
+resumed, rest, _ = fit_shortcut(shards, out / "cut", 6, out / "cut/last.ckpt", devices=2)
+same = all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+with open(out / f"rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"same": same, "straight": seen.seen, "resumed": first.seen + rest.seen}, f)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_trains_the_batches_of_a_straight_run(shards, tmp_path):
+    """2 processes, 27 samples each: 4 batches an epoch, stopped at step 2, resumed to 6."""
+    import json
+
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(DDP_RESUME)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GLOBAL_RANK")
+           and not k.startswith("MASTER_") and not k.startswith("PL_")}
+    proc = subprocess.run([sys.executable, str(script), str(shards), str(Path(__file__).parent), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["resumed"] == got["straight"] and len(got["straight"]) == 6
+        assert got["same"]

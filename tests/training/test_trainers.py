@@ -8,7 +8,7 @@ from migm.commands import export
 from migm.data.images import load_fashion_mnist, to_model_range
 from migm.models.tiny import load_tokenizer, load_transformer
 from migm.models.transformer import TransformerConfig
-from migm.training.maskgit import MaskGITModule, random_mask
+from migm.training.base import EmbeddedBaseModule, random_mask
 
 
 def test_random_mask_masks_between_one_and_all_positions():
@@ -25,7 +25,7 @@ def test_maskgit_objective_learns_real_tokens(tmp_path):
     images, labels = load_fashion_mnist("train")
     tokens = load_tokenizer().encode(to_model_range(images[:512]))
     loader = DataLoader(TensorDataset(tokens, labels[:512]), batch_size=64, shuffle=True)
-    module = MaskGITModule(TransformerConfig(width=64, depth=2, heads=2, dropout=0.0),
+    module = EmbeddedBaseModule(TransformerConfig(width=64, depth=2, heads=2, dropout=0.0),
                            lr=3e-3, warmup_steps=5)
     first = [module._loss(module.model, t, y)[0].item() for t, y in list(loader)[:2]]
     trainer = L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -22,7 +22,6 @@ import torch
 
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
-
 PlanName = Literal["uniform", "front_loaded", "official"]
 PLANS: tuple[str, ...] = get_args(PlanName)
 

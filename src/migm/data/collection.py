@@ -8,7 +8,9 @@ Re-running the command resumes: a batch whose shard already exists is skipped, a
 shard is redone, and temporaries a killed run left are removed (logged). Which trajectories a
 shard holds depends on the model, sampler, schedule, steps and the batch layout (batch size,
 batches per shard, world size), so the first run writes `collection.json` with all of them and
-a resume with any difference is refused, naming it; rank 0 writes `manifest.json` at the end.
+a resume with any difference is refused, naming it, before anything is written into the
+directory (`config.yaml` included); rank 0 writes `manifest.json` at the end. A full disk stops
+the run with one DiskFullError naming the shard, whose temporary is gone: the rerun resumes.
 
 Storage: full recording keeps N steps x branches x L x D per trajectory (Lumina-DiMOO: 64 x 2 x
 4,096 x 4,096 fp16 = 4 GiB). `recorded_pairs: P` keeps P random (i, i+1) pairs of each
@@ -20,6 +22,7 @@ another rank redraws the same ones.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from dataclasses import asdict
@@ -35,8 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from migm.data.recorder import TrajectoryRecorder
 from migm.data.trajectories import ShardError, ShardSchema, open_shard, trajectory_keys, write_shard
-from migm.models.assets import atomic_write_bytes, checkpoint_digest, remove_orphans, sha256
-from migm.models.registry import BaseKind, check_files, load_base
+from migm.files import atomic_write_bytes, remove_orphans, sha256
+from migm.models.assets import checkpoint_digest
+from migm.models.registry import BaseKind, check_files, load_spec
 from migm.sampling.loop import StepOutput, VanillaSource, generate
 from migm.shortcut.sequence import gather_grid
 from migm.sampling.sampler import SamplerConfig
@@ -133,7 +137,7 @@ class CollectionModule(L.LightningModule):
             feature_dtype: how features are stored (float16 halves the shards; HDF5 has no bf16).
             base_kind: which base MIGM adapter (tiny = the embedded default; maskgit; dimoo).
             base_config: the adapter's config fields, where they differ from the released model.
-            prompts: a prompt file (text, one per line, or JSONL; data/prompts.py) for a
+            prompts: a prompt file (text, one per line, or JSONL; models/prompts.py) for a
                 text-to-image base: condition j is prompt j, and num_classes null takes them all.
             recorded_pairs: 0 records every step; P > 0 records P random (i, i+1) pairs per
                 trajectory (2P of the N steps), which bounds disk to 2P/N of a full recording.
@@ -161,11 +165,8 @@ class CollectionModule(L.LightningModule):
         """The frozen base, loaded on first use (a file error then surfaces as itself, from
         `setup`, and building the module reads nothing)."""
         if "_model" not in self._modules:
-            h, options = self.hparams, {}
-            if h.prompts is not None:
-                from migm.data.prompts import read_prompt_file
-                options["prompts"] = read_prompt_file(h.prompts).prompts
-            model = load_base(h.base_kind, h.base, h.tokenizer, h.base_config, **options)
+            h = self.hparams
+            model = load_spec(h)
             if h.positions == "sequence" and not hasattr(model, "sequence_features"):
                 raise ValueError(f"positions: sequence needs a base with sequence_features; "
                                  f"{h.base_kind} has none")
@@ -180,8 +181,11 @@ class CollectionModule(L.LightningModule):
         if self.hparams.positions == "grid":
             return 0
         C = self.model.num_classes
-        probe = torch.full((C + 1, self.model.num_tokens), self.model.mask_id, device=self.device)
-        ids, valid, _ = self.model.sequence(probe, torch.arange(C + 1, device=self.device))
+        # the base's own device: the record is built in ShardWriter.setup, before Lightning
+        # moves the module (whose `device` already names the target then)
+        device = next(itertools.chain(self.model.parameters(), self.model.buffers()), torch.empty(0)).device
+        probe = torch.full((C + 1, self.model.num_tokens), self.model.mask_id, device=device)
+        ids, valid, _ = self.model.sequence(probe, torch.arange(C + 1, device=device))
         if valid is not None:                          # right-padded: prompt-dependent lengths
             raise ValueError(f"positions: sequence needs one sequence length for every condition; "
                              f"{self.hparams.base_kind}'s differ with the prompt: record grid")
@@ -286,21 +290,41 @@ class ShardWriter(BasePredictionWriter):
                 "files": pl_module.files, "data": dm.layout() if hasattr(dm, "layout") else {},
                 "world_size": trainer.world_size, "batches_per_shard": self.batches_per_shard}
 
-    def on_predict_start(self, trainer, pl_module: CollectionModule) -> None:
+    def setup(self, trainer, pl_module: CollectionModule, stage: str) -> None:
+        """Check a resume before anything is written into the directory.
+
+        LightningCLI's SaveConfigCallback, added after the config's callbacks, writes
+        `config.yaml` from its own `setup` into the trainer's `default_root_dir`, which the
+        collect configs set to this directory. Checked any later (it was `on_predict_start`), a
+        refused resume had already replaced the collection's config.yaml by the refused
+        settings, beside shards and a collection.json of the recorded ones. So the record is
+        built and checked here, and only then does rank 0 clear, create or write anything.
+        """
+        if stage != "predict":
+            return
+        self.current = self.record(trainer, pl_module)     # may raise: the base's files, ...
+        path = self.out_dir / RECORD
+        if not self.overwrite:
+            self._check_existing(path)                  # every rank, read only: all raise alike
+        trainer.strategy.barrier()                      # all have read before rank 0 changes it
         if trainer.is_global_zero:
             if self.overwrite and self.out_dir.exists():
                 shutil.rmtree(self.out_dir)
             remove_orphans(self.out_dir)               # nothing of this run writes yet
-        self.current = self.record(trainer, pl_module)
-        path = self.out_dir / RECORD
-        if trainer.is_global_zero:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            fresh = not any(self.out_dir.glob("shard-*.h5")) and not (self.out_dir / MANIFEST).exists()
-            if not path.exists() and fresh:
+            if not path.exists():
                 text = json.dumps(self.current, indent=2, sort_keys=True) + "\n"
                 atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
         trainer.strategy.barrier()
         self._check_record(path)                        # every rank: all raise alike, none waits
+
+    def _check_existing(self, path: Path) -> None:
+        """A directory that already holds a collection (or its record) must match this run."""
+        started = any(self.out_dir.glob("shard-*.h5")) or (self.out_dir / MANIFEST).exists()
+        if path.exists() or started:
+            self._check_record(path)
+
+    def on_predict_start(self, trainer, pl_module: CollectionModule) -> None:
         rank = trainer.global_rank
         pl_module.skip_batch = lambda b: self._path(rank, b // self.batches_per_shard).exists()
         if trainer.is_global_zero:

@@ -18,15 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import h5py
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from migm.data.collection import ConditionDataset
 from migm.data.trajectories import (
     ShardError,
     ShardSchema,
@@ -95,6 +98,24 @@ def scan_shards(dirs: list[str | Path]) -> tuple[ShardSchema, list[tuple[Path, i
     return schema, shards
 
 
+def shared_times(paths: list[Path]) -> np.ndarray:
+    """The (N,) step times t_{i-1} every shard must hold alike, each shard's checked: one set is
+    served for all, so a NaN in any shard but the one read (the last, before) reached training
+    as the time input of every sample of the step."""
+    times, first = None, None
+    for path in paths:
+        t = read_small(path, "times")
+        if not np.isfinite(t).all():
+            raise ShardError(f"{path}: dataset 'times' holds NaN or inf ({t.tolist()}); the file was "
+                             "altered or is corrupt: recollect it")
+        if times is None:
+            times, first = t, path
+        elif not np.array_equal(t, times):
+            raise ShardError(f"{path}: dataset 'times' {t.tolist()} differs from {times.tolist()} in "
+                             f"{first}: the shards are not of one collection")
+    return times
+
+
 class TrajectoryDataset(Dataset):
     """Samples (trajectory, pair, branch): every i = 1..N-1 of a full recording, or the P pairs a
     bounded one stored (schema.recorded_pairs), over a fixed list of trajectories.
@@ -118,14 +139,14 @@ class TrajectoryDataset(Dataset):
         self.local = trajectories - offsets[self.shard_of]
         self.pairs = (schema.pairs - rollout + 1) * schema.branches
         # Token arrays are tiny: read (and checksum-verified) once here, not once per sample.
-        tokens, steps, keys, pair_step, times = [], [], [], [], None
+        tokens, steps, keys, pair_step = [], [], [], []
         for path in self.paths:
             tokens.append(read_small(path, "tokens"))
             steps.append(read_small(path, "decode_step"))
             keys.append(trajectory_keys(path, schema))
             if schema.recorded_pairs:
                 pair_step.append(read_small(path, "pair_step"))
-            times = read_small(path, "times")
+        times = shared_times(self.paths)
         self.tokens = torch.from_numpy(np.concatenate(tokens)[trajectories].astype(np.int64))
         self.decode_step = torch.from_numpy(np.concatenate(steps)[trajectories].astype(np.int64))
         self.keys = np.concatenate(keys)[trajectories]                       # (n, 2) seed, index
@@ -177,6 +198,70 @@ class TrajectoryDataset(Dataset):
         return state
 
 
+class EpochSampler(DistributedSampler):
+    """A seeded DistributedSampler (epoch e has one order, resumed or not) whose pass over a
+    given epoch can start at a given sample: how a resumed epoch continues where it stopped."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume: tuple[int, int] | None = None       # (epoch, samples of it already served)
+
+    def __iter__(self) -> Iterator[int]:
+        order = super().__iter__()
+        if self.resume is not None and self.resume[0] == self.epoch:
+            skip, self.resume = self.resume[1], None      # once: a later pass of it is whole
+            return iter(list(order)[skip:])
+        return order
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, stateful in Lightning's sense (`state_dict`/`load_state_dict`):
+    a checkpoint records the epoch and how many of its batches were served, and a resumed run
+    continues that epoch at the next batch, in the same order.
+
+    Without it, a run resumed from a mid-epoch checkpoint (max_steps reached inside an epoch, a
+    step-interval save) began the epoch's order again at its first batch while Lightning counted
+    on from the saved batch index, so the rest of the epoch was never trained. The state is per
+    rank and alike on every rank (each serves as many batches of its own share).
+
+    `epoch_of` (the trainer's current epoch) sets the sampler's epoch as each pass starts:
+    Lightning sets it from its count of processed epochs, which a resume of a step-limited run
+    from an epoch-end checkpoint leaves one ahead for the rest of the run, so every later epoch
+    would be served in the next epoch's order."""
+
+    epoch_of: Callable[[], int] | None = None
+    _served = 0
+    _epoch = 0
+
+    def __iter__(self):
+        sampler = self.sampler
+        if self.epoch_of is not None:
+            sampler.set_epoch(self.epoch_of())
+        resume = sampler.resume
+        if resume is not None and resume[0] != sampler.epoch:
+            sampler.resume = resume = None                  # that epoch is over
+        self._epoch, self._served = sampler.epoch, resume[1] // self.batch_size if resume else 0
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches": self._served, "batch_size": self.batch_size,
+                "num_replicas": self.sampler.num_replicas, "samples": len(self.sampler)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        layout = {"batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas,
+                  "samples": len(self.sampler)}
+        differ = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        if differ:
+            rank_zero_warn("training data: the checkpoint was made with another layout ("
+                           + ", ".join(f"{k} {a} then, {b} now" for k, (a, b) in differ.items())
+                           + "): the resumed epoch restarts at its first batch, not where it stopped")
+            return
+        if 0 < state["batches"] < len(self):                 # stopped inside the epoch
+            self.sampler.resume = (state["epoch"], state["batches"] * self.batch_size)
+
+
 def manifest_hash(dirs: list[str | Path]) -> str:
     """sha256 over the manifests of `dirs`: names the exact training data in a run's config."""
     digest = hashlib.sha256()
@@ -226,13 +311,19 @@ class TrajectoryDataModule(L.LightningDataModule):
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        # A seeded DistributedSampler even on one process: Lightning sets its epoch, so epoch e
-        # has the same order whether or not training was resumed (exact resume at epoch ends).
+        # A seeded sampler even on one process: Lightning sets its epoch, so epoch e has the same
+        # order whether or not training was resumed; the loader's state continues a resumed
+        # epoch at the batch where its checkpoint was written (ResumableLoader).
         trainer = self.trainer
-        sampler = DistributedSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
-                                     rank=trainer.global_rank if trainer else 0, shuffle=True,
-                                     seed=self.hparams.seed)
-        return self._loader(self.train_set, sampler)
+        sampler = EpochSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                               rank=trainer.global_rank if trainer else 0, shuffle=True,
+                               seed=self.hparams.seed)
+        loader = ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
+                                 num_workers=self.hparams.num_workers,
+                                 persistent_workers=self.hparams.num_workers > 0)
+        if trainer is not None:
+            loader.epoch_of = lambda: trainer.current_epoch
+        return loader
 
     def num_conditions(self) -> int:
         if self.hparams.num_classes is not None:
@@ -244,7 +335,6 @@ class TrajectoryDataModule(L.LightningDataModule):
         return base.num_classes
 
     def test_dataloader(self) -> DataLoader:
-        from migm.data.collection import ConditionDataset
         ds = ConditionDataset(self.hparams.test_samples, self.num_conditions(),
                               self.hparams.test_conditions, self.hparams.seed)
         return DataLoader(ds, batch_size=self.hparams.test_batch_size, shuffle=False)

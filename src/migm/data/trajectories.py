@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -52,7 +53,7 @@ import h5py
 import numpy as np
 import torch
 
-from migm.models.assets import temp_path
+from migm.files import DiskFullError, disk_full, temp_path
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -147,6 +148,82 @@ def slot_steps(schema: ShardSchema, pair_step: np.ndarray | None, T: int) -> np.
     return np.stack([pair_step, pair_step + 1], -1).reshape(T, -1)
 
 
+class _KeptErrorFile:
+    """The file h5py's fileobj driver writes a new shard through; no call of it ever fails.
+
+    When a write fails inside HDF5 (a full disk), HDF5 cannot flush on close, keeps the file and
+    its objects open, and every one of them reports the failure again as it is freed (dozens of
+    tracebacks), then the process crashes at exit (a segfault). Here the first OSError is kept,
+    every later call becomes a no-op, HDF5 closes what it believes is a complete file, and
+    `close()` raises the kept error, after which the writer deletes the file."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "w+b")  # noqa: SIM115 (closed by close(), after HDF5 is done)
+        self.error: OSError | None = None
+
+    def _call(self, fn, *args, default=None):
+        if self.error is None:
+            try:
+                return fn(*args)
+            except OSError as err:
+                self.error = err
+        return default
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._call(self._file.seek, offset, whence, default=offset)
+
+    def tell(self) -> int:
+        return self._call(self._file.tell, default=0)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._call(self._file.read, size, default=b"")
+
+    def readinto(self, buffer) -> int:
+        return self._call(self._file.readinto, buffer, default=0)
+
+    def write(self, data) -> int:
+        self._call(self._file.write, data)
+        return len(data)
+
+    def truncate(self, size: int | None = None) -> int | None:
+        self._call(self._file.truncate, size)
+        return size
+
+    def flush(self) -> None:
+        self._call(self._file.flush)
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as err:
+            self.error = self.error or err
+        if self.error is not None:
+            raise self.error
+
+
+def _write_h5(path: Path, fill: Callable[[h5py.File], None]) -> Path:
+    """Write an HDF5 file whole or not at all: fill(file) under a temporary name, then rename.
+    Any failure removes the temporary; a full disk is a DiskFullError naming `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        raw = _KeptErrorFile(tmp)
+        try:
+            with h5py.File(raw, "w") as f:
+                fill(f)
+        finally:
+            raw.close()
+        os.replace(tmp, path)
+    except BaseException as err:
+        reason = disk_full(err, tmp) if isinstance(err, Exception) else None
+        tmp.unlink(missing_ok=True)
+        if reason is not None:
+            raise DiskFullError(path, reason) from err
+        raise
+    return path
+
+
 def write_shard(path: Path, schema: ShardSchema, features: np.ndarray, tokens: np.ndarray,
                 decode_step: np.ndarray, cond: np.ndarray, seed: np.ndarray, index: np.ndarray,
                 times: np.ndarray, mask_ratio: np.ndarray, pair_step: np.ndarray | None = None,
@@ -179,50 +256,43 @@ def write_shard(path: Path, schema: ShardSchema, features: np.ndarray, tokens: n
         raise ShardError(f"{path}: trajectory {t} (index {int(index[t])}), step "
                          f"{int(slot_steps(schema, pair_step, T)[t, s])}: features are not finite (NaN or "
                          "inf); the base model produced them, nothing was written")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    for name, value in (("times", times), ("mask_ratio", mask_ratio)):
+        if not np.isfinite(value).all():
+            raise ShardError(f"{path}: {name} {np.asarray(value).tolist()} are not finite; nothing was written")
     arrays = {"tokens": tokens.astype(np.int32), "decode_step": decode_step.astype(np.int16),
               "cond": cond.astype(np.int64), "seed": seed.astype(np.int64),
               "index": np.asarray(index).astype(np.int64), "times": times.astype(np.float32),
               "mask_ratio": mask_ratio.astype(np.float32)}
     if P:
         arrays["pair_step"] = pair_step.astype(np.int16)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in asdict(schema).items():
-                f.attrs[key] = value
-            f.attrs["complete"] = False
-            f.create_dataset("features", data=features, chunks=(1, 1, 1, Lt, D),
-                             compression=compression, fletcher32=True)
-            for key, value in arrays.items():
-                f.create_dataset(key, data=value, fletcher32=True)
-            f.attrs["complete"] = True
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    def fill(f: h5py.File) -> None:
+        for key, value in asdict(schema).items():
+            f.attrs[key] = value
+        f.attrs["complete"] = False
+        f.create_dataset("features", data=features, chunks=(1, 1, 1, Lt, D),
+                         compression=compression, fletcher32=True)
+        for key, value in arrays.items():
+            f.create_dataset(key, data=value, fletcher32=True)
+        f.attrs["complete"] = True
+
+    return _write_h5(path, fill)
 
 
 def rewrite_shard(source: Path, dest: Path, compression: str | None) -> Path:
     """Copy a shard with its features under another compression, everything else as it is
     (schema 1 stays schema 1); temp file + rename as write_shard."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dest)
-    try:
-        with h5py.File(source, "r") as src, h5py.File(tmp, "w") as out:
+
+    def fill(out: h5py.File) -> None:
+        with h5py.File(source, "r") as src:
             out.attrs.update(dict(src.attrs))
             for name, d in src.items():
                 kwargs = {"chunks": d.chunks, "fletcher32": d.fletcher32}
                 if name == "features":
                     kwargs["compression"] = compression
                 out.create_dataset(name, data=d[()], **kwargs)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+
+    return _write_h5(dest, fill)
 
 
 _warned_v1: set[Path] = set()

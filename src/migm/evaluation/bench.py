@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from migm.accel.method import Vanilla
+from migm.accel.shortcut import Shortcut
 from migm.evaluation.latency import interleaved_rounds, measure_latency
+from migm.sampling.loop import generate
 from migm.sampling.sampler import SamplerConfig, guide, sample_step
+from migm.shortcut.sequence import sequence_step
 
 
 @torch.no_grad()
@@ -64,7 +68,6 @@ def call_costs(model, shortcut=None, batch_size: int = 64, repeats: int = 5,
             and hasattr(model, "sequence_features"):
         # a whole-sequence network (the official ones) is timed as the loop runs it: on the
         # base's sequence state, through step() (its forward takes other arguments)
-        from migm.shortcut.sequence import sequence_step
         ratio = (tokens == model.mask_id).float().mean(1)                          # (rows,)
         step = sequence_step(model, model.sequence_features(tokens, cond), tokens, cond, new, ratio, t)
         calls["shortcut_call_ms"] = lambda: shortcut.step(step)
@@ -93,10 +96,6 @@ def end_to_end(model, shortcut, steps: int, budgets: list[int], batch_size: int 
                repeats: int = 5) -> list[dict]:
     """Latency per image of vanilla N and shortcut N/B (decode included), one process, timed in
     interleaved rounds; speedup = median over rounds of the per-round ratio to vanilla."""
-    from migm.accel.method import Vanilla
-    from migm.accel.shortcut import Shortcut
-    from migm.evaluation.latency import interleaved_rounds
-    from migm.sampling.loop import generate
 
     cond = torch.arange(batch_size) % model.num_classes
     points = Vanilla(steps=[steps]).points() + Shortcut(steps=[steps], budgets=list(budgets)).points()

@@ -9,9 +9,10 @@ from lightning.pytorch.callbacks import Callback
 
 from migm.accel.method import Vanilla
 from migm.accel.shortcut import Shortcut
+from migm.data.collection import ConditionDataset
 from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.report import finish_evaluation
-from migm.evaluation.setup import MetricsConfig
+from migm.evaluation.setup import MetricsConfig, build_metrics
 
 
 def small_grid(like: GridConfig | None = None) -> GridConfig:
@@ -35,31 +36,30 @@ class EvaluationCallback(Callback):
             num_samples: images per configuration, split over ranks.
             batch_size: generation batch size.
             grid: configurations to run (default: vanilla N=8,16; shortcut N=16 at B=4,8, with
-                the sampler and inference knobs of the module's `evaluation`).
-            metrics: what samples are measured against (default: the module's `metrics`, the
+                the sampler and inference knobs of the config's `evaluation`).
+            metrics: what samples are measured against (default: the config's `metrics`, the
                 ones `test` uses). Conditions are drawn as the datamodule's `test_conditions`
                 says (cycle, or MaskGIT's shuffled balanced classes), seeded alike.
         """
         self.every, self.num_samples, self.batch_size = every_n_epochs, num_samples, batch_size
         self.grid = grid
         self.metrics = metrics
+        self.like: GridConfig | None = None          # the config's `evaluation` (set by the CLI)
+        self.like_metrics: MetricsConfig | None = None   # the config's `metrics` (set by the CLI)
         self._metrics = None
 
     @torch.no_grad()
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every or trainer.sanity_checking:
             return
-        from migm.data.collection import ConditionDataset
-        from migm.evaluation.setup import build_metrics
-        hparams = getattr(pl_module, "hparams", {})
         base = pl_module.base
         if self._metrics is None:
-            config = self.metrics or getattr(pl_module, "metrics", None) or hparams.get("metrics")
-            self._metrics = build_metrics(config, base, hparams.get("base_kind", "tiny"), pl_module.device)
+            config = self.metrics or self.like_metrics
+            self._metrics = build_metrics(config, base, pl_module.spec["base_kind"], pl_module.device)
         data = getattr(getattr(trainer, "datamodule", None), "hparams", {})
         conditions = ConditionDataset(self.num_samples, base.num_classes,
                                       data.get("test_conditions", "cycle"), data.get("seed", 0))
-        config = self.grid or small_grid(getattr(pl_module, "evaluation", None))
+        config = self.grid or small_grid(self.like)
         grid = EvaluationGrid(base, pl_module.ema, self._metrics, config).to(pl_module.device)
         # rank r takes batches r, r + W, ...: every rank works, FID is synchronised on compute
         starts = range(trainer.global_rank * self.batch_size, self.num_samples,

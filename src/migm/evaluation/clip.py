@@ -18,7 +18,7 @@ import torch
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from migm.data.images import FASHION_CLASSES
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 
 CLIP_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -11,6 +11,9 @@ import csv
 import re
 from pathlib import Path
 
+from migm.evaluation.report import _pyplot
+from migm.files import atomic_write_bytes
+
 
 def read_step_curves(csv_paths: list[Path], metric: str = "rel_err") -> dict[int, dict[int, float]]:
     """{epoch: {step: value}} from Lightning CSVLogger files (a resumed run has several versions;
@@ -31,8 +34,6 @@ def read_step_curves(csv_paths: list[Path], metric: str = "rel_err") -> dict[int
 
 
 def plot_step_curves(curves: dict[int, dict[int, float]], path: Path, metric: str = "rel_err") -> Path:
-    from migm.evaluation.report import _pyplot
-    from migm.models.assets import atomic_write_bytes
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     cmap = plt.get_cmap("viridis")

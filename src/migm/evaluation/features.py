@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from migm.models.assets import ASSET_DIR, CheckpointError, load_module
+from migm.files import CheckpointError
+
+from migm.models.assets import ASSET_DIR, load_module
 from migm.models.classifier import ClassifierConfig, FashionClassifier
 
 

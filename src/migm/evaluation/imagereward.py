@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 
 log = logging.getLogger(__name__)
 

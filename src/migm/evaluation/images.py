@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 
 from migm.data.images import to_uint8
-from migm.models.assets import atomic_write_bytes
+from migm.files import atomic_write_bytes
 
 
 def image_grid(images: torch.Tensor, rows: int, pad: int = 2) -> np.ndarray:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from migm.evaluation.images import image_grid
-from migm.models.assets import atomic_write_bytes
+from migm.files import atomic_write_bytes
 
 
 def quality_key(rows: list[dict]) -> tuple[str, bool]:

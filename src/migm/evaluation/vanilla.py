@@ -15,7 +15,7 @@ from migm.accel.method import Vanilla
 from migm.data.images import load_fashion_mnist, to_model_range
 from migm.evaluation.grid import EvaluationGrid, GridConfig
 from migm.evaluation.quality import QualityMetrics
-from migm.training.tokenizer import psnr
+from migm.models.tokenizer import psnr
 
 
 def balanced_conditions(num_samples: int, num_classes: int) -> torch.Tensor:

@@ -15,14 +15,10 @@ Any file with a manifest.json beside it that lists its name (the package assets,
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
-import secrets
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,94 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from migm.files import CheckpointError, atomic_write_bytes, first_nonfinite, sha256
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
 MANIFEST = "manifest.json"
-ORPHAN_AGE_S = 24 * 3600        # another host's temporary older than this is an orphan
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or not the kind that was asked for."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def temp_path(path: Path) -> Path:
-    """`.<name>.<host>.<pid>.<random>.tmp` beside `path`: the writer stays readable in the name, so
-    a later run can tell a killed writer's orphan from a live writer's file."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:          # another user's process: alive
-        return True
-    return True
-
-
-def _is_orphan(tmp: Path, name: str | None) -> bool:
-    """Same host and a dead pid, a name without a writer (older versions), or another host's
-    file: at once when cleaning a whole directory before anything writes (name None), else
-    once it is older than ORPHAN_AGE_S."""
-    rest = tmp.name[1:-len(".tmp")]
-    if name is not None:
-        rest = rest[len(name) + 1:]                      # drop "<name>."
-    parts = rest.rsplit(".", 2)                          # [..host], pid, random
-    if len(parts) != 3 or not parts[1].isdigit():
-        return True
-    host = socket.gethostname()
-    if parts[0] == host or (name is None and parts[0].endswith("." + host)):
-        return not _alive(int(parts[1]))
-    return name is None or time.time() - tmp.stat().st_mtime > ORPHAN_AGE_S
-
-
-def remove_orphans(directory: Path, name: str | None = None) -> list[Path]:
-    """Delete temporaries a killed writer left in `directory` (of target `name`, or all of them
-    when None: call that only before anything of this run writes there); logs each one."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    pattern = f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"
-    removed = []
-    for tmp in sorted(directory.glob(pattern)):
-        try:
-            if tmp.is_file() and _is_orphan(tmp, name):
-                tmp.unlink()
-                removed.append(tmp)
-                log.warning("removed orphan temporary file %s (left by a killed writer)", tmp)
-        except FileNotFoundError:                        # its writer finished meanwhile
-            pass
-    return removed
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(tmp_path) then rename onto `path`, so readers never see a half-written file.
-
-    Orphans of the same target from a killed writer are removed first (logged)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(path.parent, path.name)
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)            # keep the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(asset_dir: Path = ASSET_DIR) -> dict[str, Any]:
@@ -128,14 +42,6 @@ def read_manifest(asset_dir: Path = ASSET_DIR) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-
-
-def first_nonfinite(named) -> str | None:
-    """The name of the first floating tensor in (name, value) pairs with a NaN or inf; None if none."""
-    for name, value in named:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return name
-    return None
 
 
 def _is_bare(name_or_path: str | Path) -> bool:

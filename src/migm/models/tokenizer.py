@@ -136,3 +136,9 @@ class VQTokenizer(nn.Module):
         zq = self.quantizer.codebook[ids]                           # (B, L, d)
         zq = rearrange(zq, "b (h w) d -> b d h w", h=self.grid_size)
         return self.decoder(zq).clamp(-1, 1)
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (reconstruction.clamp(-1, 1) - target).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))

@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from migm.shortcut.sequence import SequenceStep
 from migm.files import CheckpointError
 from migm.models.llada import DiMOOConfig, LLaDABlock, RMSNorm, rope_tables, rotate
 from migm.models.safetensors_files import check_fit
 from migm.shortcut.network import NetworkConfig, modulate, timestep_embedding
+from migm.shortcut.sequence import SequenceStep
 
 HOW_TO_GET = ("download DiMOO-Shortcut/dimoo-shortcut.pth from the Kaiwen-Zhu/MIGM-Shortcut "
               "repository on the model hub (its DiMOO-Shortcut README) and pass its local path")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from migm.models.assets import CheckpointError
+from migm.files import CheckpointError
 from migm.shortcut.network import NetworkConfig, pack_new_tokens, timestep_embedding
 
 if TYPE_CHECKING:

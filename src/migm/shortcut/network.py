@@ -13,13 +13,17 @@ starts from "features do not change" and only has to learn the correction.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from migm.models.assets import load_module
 
 
 @dataclass
@@ -77,7 +81,6 @@ class ShortcutConfig(NetworkConfig):
 
     def load_weights(self, path: str, base) -> dict[str, torch.Tensor]:
         """An exported shortcut asset (`python -m migm export shortcut`), by name or path."""
-        from migm.shortcut.module import shipped_weights
         return shipped_weights(path, self)
 
 
@@ -105,15 +108,19 @@ def grid_sinusoids(num_tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([axis(r, half), axis(c, dim - half)], -1)[:, :dim]
 
 
-def pack_new_tokens(tokens: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_new_tokens(tokens: torch.Tensor, new: torch.Tensor,
+                    count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gather each row's newly decoded tokens to the front, padded to the row maximum.
 
     tokens (B, L), new (B, L) bool -> ids (B, K), positions (B, K), valid (B, K) bool, where K is
     the largest number of new tokens in any row. During generation every row reveals the same
-    count, so nothing is padded; in training, rows from different steps differ.
+    count, known from the schedule (`count`), so nothing is padded and K is not read back from
+    the device; in training, rows from different steps differ.
     """
-    count = new.sum(1)
-    K = max(int(count.max()), 1) if len(count) else 1
+    count_ = new.sum(1)
+    K = count if count is not None else (max(int(count_.max()), 1) if len(count_) else 1)
+    K = max(K, 1)
+    count = count_
     positions = new.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :K]   # (B, K)
     ids = tokens.gather(1, positions)
     valid = torch.arange(K, device=tokens.device)[None] < count[:, None]
@@ -225,10 +232,11 @@ class ShortcutNetwork(nn.Module):
             self.pos_embed.copy_(table * token_embedding[: self.config.vocab_size].float().std())
 
     def delta(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
-              t: torch.Tensor) -> torch.Tensor:
+              t: torch.Tensor, new_count: int | None = None) -> torch.Tensor:
         """S(f_i, new tokens, t_i): features (B, L, D), tokens (B, L) (the grid x_i), new (B, L)
-        bool (positions decoded at step i), t (B,) -> (B, L, D)."""
-        ids, positions, valid = pack_new_tokens(tokens, new)                          # (B, K) each
+        bool (positions decoded at step i), t (B,) -> (B, L, D); `new_count`: the tokens every
+        row decoded at step i, where the schedule says (generation)."""
+        ids, positions, valid = pack_new_tokens(tokens, new, new_count)               # (B, K) each
         context = self.context_down(self.token_embed(ids) + self.pos_embed[positions])  # (B, K, d)
         c = self.time_mlp(timestep_embedding(t, self.config.time_frequencies))       # (B, d)
         h = self.down(features.to(self.down.weight.dtype))                           # (B, L, d)
@@ -240,6 +248,26 @@ class ShortcutNetwork(nn.Module):
         return self.up(modulate(self.final_norm(h), shift, scale))
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
-                t: torch.Tensor) -> torch.Tensor:
+                t: torch.Tensor, new_count: int | None = None) -> torch.Tensor:
         """f_hat_{i+1} = f_i + S(f_i, new tokens, t_i), (B, L, D)."""
-        return features + self.delta(features, tokens, new, t).to(features.dtype)
+        return features + self.delta(features, tokens, new, t, new_count).to(features.dtype)
+
+
+# --- the shipped weights --------------------------------------------------------------------------
+def load_shortcut(name_or_path: str | Path) -> ShortcutNetwork:
+    """An exported shortcut asset (`migm export shortcut`), checked against its manifest."""
+    # assets exported before `gelu` was a field were trained with the tanh approximation
+    return load_module(name_or_path, "shortcut",
+                       lambda c: ShortcutNetwork(ShortcutConfig(**{"gelu": "tanh", **c})))
+
+
+def shipped_weights(name_or_path: str | Path, config: ShortcutConfig) -> dict[str, torch.Tensor]:
+    """The weights of a shipped shortcut, checked against the network `config` describes.
+
+    The GELU form changes no parameter, so it stays the configuration's choice: the shipped
+    weights, trained with the tanh form, score the same FID with the exact one (README)."""
+    shipped = load_shortcut(name_or_path)
+    if dataclasses.replace(shipped.config, gelu=config.gelu) != config:
+        raise ValueError(f"{name_or_path}: shortcut config {shipped.config} differs "
+                         f"from the configured network {config}")
+    return shipped.state_dict()

@@ -6,14 +6,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from migm.models.tokenizer import TokenizerConfig, VQTokenizer
+from migm.models.tokenizer import TokenizerConfig, VQTokenizer, psnr
 from migm.training.schedule import configure
-
-
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (reconstruction.clamp(-1, 1) - target).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 class TokenizerModule(L.LightningModule):

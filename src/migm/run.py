@@ -1,0 +1,144 @@
+"""A run is named once; every output path and the W&B run's identity follow from that name.
+
+`run:` in a config (or `--run.name X` on the command line) gives the run's name, its directory
+(default `runs/<name>`), the W&B group a study's runs share (its collection, fit and test), and
+tags. Before anything is built the CLI fills, wherever the config left them unset, the trainer's
+`default_root_dir`, every logger's directory and name (W&B's group, job type and tags too), the
+checkpoint callbacks' `dirpath`, and `evaluation.out_dir`. So an experiment is the few lines it
+changes, and an output path stated explicitly is never overwritten.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import loggers
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+# the W&B job type of each command (`collect` runs on Lightning's predict loop)
+JOB_TYPES = {"fit": "fit", "validate": "validate", "test": "test", "predict": "collect"}
+
+
+@dataclass
+class RunConfig:
+    """Args:
+        name: the run's name: its W&B name, and its directory `runs/<name>` (default: the
+            name of the last --config file, e.g. `pareto` for experiments/pareto.yaml).
+        root: the run's directory, where logs, checkpoints and `eval/` go (default runs/<name>).
+        group: the W&B group; give a study's collect, fit and test runs the same one (default:
+            the name).
+        tags: W&B tags.
+    """
+
+    name: str | None = None
+    root: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def resolved(self, config_files: list[str]) -> RunConfig:
+        """This run with every default filled in from the config files it was read from."""
+        name = self.name or (Path(str(config_files[-1])).stem if config_files else "run")
+        return RunConfig(name=name, root=self.root or f"runs/{name}", group=self.group or name,
+                         tags=list(self.tags))
+
+
+def _get(ns: Any, key: str, default=None):
+    return ns.get(key, default) if hasattr(ns, "get") else getattr(ns, key, default)
+
+
+def _fill(ns: Any, key: str, value, unset=(None,)) -> None:
+    if _get(ns, key) in unset:
+        ns[key] = value
+
+
+def as_list(value) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def apply_run(config: Any, run: RunConfig, subcommand: str) -> None:
+    """Fill the paths and logger identity the config left unset from the resolved `run`
+    (`config` is a subcommand's jsonargparse namespace, before instantiation)."""
+    root = run.root
+    trainer = config["trainer"]
+    _fill(trainer, "default_root_dir", root)
+    for logger in as_list(_get(trainer, "logger")):
+        args, cls = logger["init_args"], str(logger["class_path"])
+        if cls.endswith("WandbLogger"):
+            _fill(args, "save_dir", root, unset=(None, "."))
+            _fill(args, "name", run.name)
+            _fill_wandb_extras(logger, run, subcommand)
+        elif cls.endswith(("CSVLogger", "TensorBoardLogger")):        # migm.run.CSVLogger
+            _fill(args, "save_dir", root)
+    for callback in as_list(_get(trainer, "callbacks")):
+        if "dirpath" in callback["init_args"]:
+            _fill(callback["init_args"], "dirpath", f"{root}/checkpoints")
+    evaluation = _get(config, "evaluation")
+    if evaluation is not None:
+        _fill(evaluation, "out_dir", f"{root}/eval")
+
+
+def _fill_wandb_extras(logger: Any, run: RunConfig, subcommand: str) -> None:
+    """group, job_type and tags go to wandb.init through WandbLogger's **kwargs (jsonargparse's
+    `dict_kwargs` of the logger entry), where the config did not set them."""
+    extras = dict(_get(logger, "dict_kwargs") or {})
+    for key, value in (("group", run.group), ("job_type", JOB_TYPES.get(subcommand, subcommand)),
+                       ("tags", run.tags or None)):
+        if value is not None:
+            extras.setdefault(key, value)
+    logger["dict_kwargs"] = extras
+
+
+class CSVLogger(loggers.CSVLogger):
+    """Lightning's CSVLogger whose directory may be left to the run (`save_dir: null` is filled
+    with the run's directory; Lightning's own requires it in every config)."""
+
+    def __init__(self, save_dir: str | None = None, name: str | None = "csv", **kwargs) -> None:
+        super().__init__(save_dir if save_dir is not None else ".", name=name, **kwargs)
+
+
+# --- a run that is stopped ----------------------------------------------------------------------
+class Preemption(Callback):
+    """What a signalled run saved, so the program can say it and exit 128 + the signal.
+
+    SLURM (and any scheduler) sends SIGTERM before it kills a job; Lightning then stops its loop
+    at the next batch and, left alone, the process exits 0, so a preempted study looked done.
+    Here a stopped `fit` first writes a resumable checkpoint (`last.ckpt` in the checkpoint
+    directory, atomically through the trainer's checkpoint IO), and `cli` turns the stop into one
+    line and a non-zero exit status. Ctrl-C (SIGINT) is handled alike."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.signal = signal.SIGTERM
+        elif isinstance(exception, KeyboardInterrupt):
+            self.signal = signal.SIGINT
+        else:
+            return
+        if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
+            ckpt = trainer.checkpoint_callback
+            directory = Path(getattr(ckpt, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
+            self.saved = directory / "last.ckpt"
+            if ckpt is not None and hasattr(ckpt, "last_model_path"):
+                # recorded in the checkpoint's callback state, so the resumed run's callback
+                # overwrites this file instead of versioning a last-v1.ckpt beside it
+                ckpt.last_model_path = str(self.saved)
+            trainer.save_checkpoint(self.saved)
+
+    def message(self, argv: list[str]) -> str:
+        name = signal.Signals(self.signal).name
+        if self.saved is None:
+            return (f"stopped by {name}: nothing was finished or saved; run the same command again "
+                    "to redo it")
+        args = [a for i, a in enumerate(argv) if a != "--ckpt_path" and (i == 0 or argv[i - 1] != "--ckpt_path")]
+        return (f"stopped by {name}: saved {self.saved}; resume with: migm {' '.join(args)} "
+                f"--ckpt_path {self.saved}")
