@@ -46,9 +46,13 @@ class DiskFullError(OSError):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(errno.ENOSPC, f"{path}: no space left on device ({reason}); nothing was "
                                        "written there: free some space and rerun to resume", str(path))
+        self.reason = reason
 
     def __str__(self) -> str:
         return self.strerror
+
+    def __reduce__(self):                    # OSError's would call __init__ with its 3 args
+        return type(self), (self.filename, self.reason)
 
 
 def _free_bytes(path: Path) -> int | None:
