@@ -276,10 +276,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from migm.data.trajectories import ShardError
-    from migm.files import CheckpointError
+    from migm.files import CheckpointError, DiskFullError
     # MisconfigurationException: a trainer setting this machine cannot honour ("No supported gpu
     # backend found!" for the shipped accelerator: gpu configs on a CPU-only machine)
-    return (CheckpointError, ShardError, ValueError, FileNotFoundError, FloatingPointError, KeyError,
+    return (CheckpointError, ShardError, DiskFullError, ValueError, FileNotFoundError, FloatingPointError, KeyError,
             ArgumentError, MisconfigurationException)
 
 
