@@ -271,17 +271,17 @@ def test_dimoo_collect_fit_test_through_the_shipped_configs(dimoo_fit):
     main(["test", "--config", dimoo_fit["config"], "--ckpt_path", str(best)])
     rows = _rows(dimoo_fit["run"] / "eval")
     assert [(r["method"], r["label"]) for r in rows] == [
-        ("vanilla", "N16"), ("vanilla", "N32"), ("vanilla", "N64"),
+        ("vanilla", "N13"), ("vanilla", "N14"), ("vanilla", "N16"), ("vanilla", "N32"), ("vanilla", "N64"),
         ("shortcut", "N64/B9"), ("shortcut", "N64/B11"), ("shortcut", "N64/B14"),
         ("ml_cache", "N64/w0.1/r5/c0.9"), ("ml_cache", "N64/w0/r5/c0.9"),
-        ("recap", "u0/T8/N40"), ("recap", "u0/T8/N24"),                      # (u, T, T') of the paper
-        ("dllm_cache", "N64/Kp10/Kr5"), ("dllm_cache", "N64/Kp64/Kr16"),
+        ("recap", "u0/T8/N48"), ("recap", "u0/T8/N32"),      # (u, T, T') with T' the local steps
+        *[("dllm_cache", f"N64/Kp{p}/Kr{r} rho{rho}") for p, r in ((10, 5), (64, 16)) for rho in ("0", "0.25", "0.5")],
         ("taylorseer", "N64/I4/O2/layers"), ("taylorseer", "N64/I8/O2/layers")]
     for r in rows:
         assert r["num_samples"] == 3
         assert 0 <= r["clip_score"] <= 100 and np.isfinite(r["image_reward"])
         assert not any(k.startswith("fid_") for k in r)
-    assert [(r["base_calls"], r["shortcut_calls"]) for r in rows[3:6]] == [(9, 55), (11, 53), (14, 50)]
+    assert [(r["base_calls"], r["shortcut_calls"]) for r in rows[5:8]] == [(9, 55), (11, 53), (14, 50)]
 
 
 def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, capsys):
@@ -291,10 +291,12 @@ def test_dimoo_released_shortcut_is_evaluated_with_its_network_file(dimoo_fit, c
     official = _tests_module("shortcut/test_dimoo_official.py")
     root = dimoo_fit["root"]
     network = _shipped("networks/dimoo_official.yaml")
-    network["init_args"].update(feature_dim=32, heads=4, mlp_hidden=48)
+    base = dimoo_fit["model"]                 # the official shortcut takes heads and MLP from the base
+    network["init_args"].update(feature_dim=32, heads=base.n_heads, kv_heads=base.n_kv_heads,
+                                mlp_hidden=base.mlp_hidden_size, rope_theta=base.rope_theta)
     c = network["init_args"]
     weights = root / "dimoo-shortcut.pth"
-    official.save_official(weights, official.official_shapes(32, c["ratio"], c["blocks"], c["heads"], None,
+    official.save_official(weights, official.official_shapes(32, c["ratio"], c["blocks"], c["heads"], c["kv_heads"],
                                                              c["mlp_hidden"], c["embed_t"], c["cross_attention"]))
     cfg = yaml.safe_load(Path(dimoo_fit["config"]).read_text())
     e = cfg["evaluation"]
