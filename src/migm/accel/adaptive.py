@@ -8,7 +8,7 @@ drift (the sum, since its last base call, of the predicted relative change ||S(f
 over the still-masked positions) is compared with `threshold`, and a sample over it gets the
 base for its rows. A sample with as many calls left as steps left gets the base at each of them,
 so each spends exactly B. The signal costs nothing extra: the prediction is the features of the
-samples that do not refresh (issue 17, item 5: an adaptive refresh at the same budget).
+samples that do not refresh (an adaptive refresh at the same budget as a plan).
 """
 
 from __future__ import annotations
