@@ -52,3 +52,26 @@ def applied_temperatures(monkeypatch) -> list:
         return seen[-1]
     monkeypatch.setattr(loop, "skipped_step_temperature", spy)
     return seen
+
+
+def filling_file(path, mode: str, room: int):
+    """A file on a disk with `room` bytes left: writes beyond fail with ENOSPC, after the first
+    ones landed, as a real full disk does (the writer then holds half a file)."""
+    import errno
+    import io
+    buffered = io.BufferedWriter if mode == "w" else io.BufferedRandom
+
+    class Full(buffered):
+        def write(self, data):
+            nonlocal room
+            if len(data) > room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            room -= len(data)
+            return super().write(data)
+    return Full(io.FileIO(path, mode))
+
+
+@pytest.fixture
+def full_disk():
+    """`filling_file`, for tests that fake a full disk at a writer's `open`."""
+    return filling_file

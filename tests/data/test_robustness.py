@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import test_datamodule  # noqa: E402  (tests/data: small real shards of a random base)
 from migm.cli import REPO_ROOT, main
 from migm.data import trajectories
 from migm.data.collection import write_manifest
@@ -62,33 +63,22 @@ def test_overwrite_keeps_the_new_runs_config(tmp_path):
 
 
 class FillingDisk:
-    """`open` for the shard writer whose n-th file fills the disk after `room` bytes: writes
-    beyond fail with ENOSPC, as a real full disk does (HDF5 then has half a file)."""
+    """`open` for the shard writer whose n-th file fills the disk after `room` bytes (HDF5
+    then has half a file)."""
 
-    def __init__(self, fail_at: int, room: int = 4096) -> None:
-        self.fail_at, self.room, self.opened = fail_at, room, 0
+    def __init__(self, full_disk, fail_at: int, room: int = 4096) -> None:
+        self.full_disk, self.fail_at, self.room, self.opened = full_disk, fail_at, room, 0
 
     def __call__(self, path, mode="r", *args, **kwargs):
-        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 (the writer closes it)
         self.opened += 1
         if self.opened != self.fail_at:
-            return handle
-        room = self.room
-
-        class Full(io.BufferedRandom):
-            def write(self, data):
-                nonlocal room
-                if len(data) > room:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                room -= len(data)
-                return super().write(data)
-
-        handle.close()
-        return Full(io.FileIO(path, "r+"))
+            return open(path, mode, *args, **kwargs)  # noqa: SIM115 (the writer closes it)
+        return self.full_disk(path, "w+b" if "w" in mode else "r+", room=self.room)
 
 
-def test_a_full_disk_at_a_shard_is_one_error_and_the_collection_resumes(tmp_path, monkeypatch, capfd):
-    disk = FillingDisk(fail_at=2)
+def test_a_full_disk_at_a_shard_is_one_error_and_the_collection_resumes(tmp_path, monkeypatch, capfd,
+                                                                        full_disk):
+    disk = FillingDisk(full_disk, fail_at=2)
     monkeypatch.setattr(trajectories, "open", disk, raising=False)
     with pytest.raises(DiskFullError) as err:
         main(["collect", "--config", _config(tmp_path)])
@@ -134,20 +124,7 @@ def test_a_full_disk_at_an_atomic_write_is_one_error_and_leaves_the_old_file(tmp
 
 
 # --- every shard's times are read ----------------------------------------------------------------
-def _schema(model, steps):
-    s = SamplerConfig()
-    return ShardSchema("test", "0", steps, "arccos", model.num_tokens, model.feature_dim,
-                       model.vocab_size, model.mask_id, 2, s.cfg_weight, s.temperature,
-                       s.choice_temperature)
-
-
-def _shard(model, path, n, seed, steps=4):
-    rec = TrajectoryRecorder()
-    cond = torch.arange(n) % 10
-    out = generate(model, VanillaSource(model), cond, steps, seed=seed, observers=[rec])
-    return write_shard(path, _schema(model, steps), tokens=out.tokens.numpy(),
-                       decode_step=out.decode_step.numpy(), cond=cond.numpy(),
-                       seed=np.full(n, seed), index=np.arange(n), **rec.arrays())
+_schema, _shard = test_datamodule._schema, test_datamodule._collect      # small real shards
 
 
 @pytest.mark.parametrize("value", [float("nan"), 0.3])

@@ -9,17 +9,26 @@ from migm.cli import REPO_ROOT, main
 
 
 @pytest.fixture(scope="session")
-def recorded(tmp_path_factory):
+def record_trajectories(tmp_path_factory):
+    """record(steps, trajectories, batch_size) -> a shard directory of the shipped base's
+    trajectories (both CFG branches), recorded by `collect` through configs/collect_tiny.yaml."""
+    def record(steps: int, trajectories: int, batch_size: int):
+        root = tmp_path_factory.mktemp("recorded")
+        cfg = yaml.safe_load((REPO_ROOT / "configs/collect_tiny.yaml").read_text())
+        cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(root / "traj"), batches_per_shard=2)
+        cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(root / "traj"))
+        cfg["model"]["init_args"].update(steps=steps)
+        cfg["data"]["init_args"].update(num_trajectories=trajectories, batch_size=batch_size)
+        (root / "collect.yaml").write_text(yaml.safe_dump(cfg))
+        main(["collect", "--config", str(root / "collect.yaml")])
+        return root / "traj"
+    return record
+
+
+@pytest.fixture(scope="session")
+def recorded(record_trajectories):
     """30 trajectories of the shipped base at N=6, both CFG branches, recorded by `collect`."""
-    root = tmp_path_factory.mktemp("recorded")
-    cfg = yaml.safe_load((REPO_ROOT / "configs/collect_tiny.yaml").read_text())
-    cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(root / "traj"), batches_per_shard=2)
-    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(root / "traj"))
-    cfg["model"]["init_args"].update(steps=6)
-    cfg["data"]["init_args"].update(num_trajectories=30, batch_size=10)
-    (root / "collect.yaml").write_text(yaml.safe_dump(cfg))
-    main(["collect", "--config", str(root / "collect.yaml")])
-    return root / "traj"
+    return record_trajectories(steps=6, trajectories=30, batch_size=10)
 
 
 def shortcut_config(tmp_path, shards, *, wandb: bool = False, **trainer) -> str:

@@ -99,26 +99,7 @@ def test_ddp_last_checkpoint_is_the_final_step(tmp_path):
 
 
 
-def _full_disk(room: int):
-    """`open` for the checkpoint writer on a disk with `room` bytes left: writes beyond fail with
-    ENOSPC, after the first ones landed (half a checkpoint in the temporary)."""
-    def fake(path, mode="r", *args, **kwargs):
-        left = room
-
-        class Full(io.BufferedWriter):
-            def write(self, data):
-                nonlocal left
-                if len(data) > left:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                left -= len(data)
-                return super().write(data)
-
-        assert mode == "wb"
-        return Full(io.FileIO(path, "w"))
-    return fake
-
-
-def test_a_full_disk_at_a_checkpoint_is_one_error_and_the_last_one_resumes(tmp_path, monkeypatch):
+def test_a_full_disk_at_a_checkpoint_is_one_error_and_the_last_one_resumes(tmp_path, monkeypatch, full_disk):
     def fit(max_steps, ckpt_path=None):
         ckpt = FinalStepCheckpoint(dirpath=tmp_path, filename="best", monitor="val_loss", save_last=True)
         trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
@@ -129,7 +110,10 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_and_the_last_one_resumes(tmp_p
 
     fit(5)
     before = (tmp_path / "last.ckpt").read_bytes()
-    monkeypatch.setattr(checkpoint_io, "open", _full_disk(room=300), raising=False)
+    def fake_open(path, mode="r", *args, **kwargs):        # the checkpoint writer's open
+        assert mode == "wb"
+        return full_disk(path, "w", room=300)
+    monkeypatch.setattr(checkpoint_io, "open", fake_open, raising=False)
     with pytest.raises(DiskFullError) as err:
         fit(10, tmp_path / "last.ckpt")
     assert str(err.value).startswith(f"{tmp_path / 'best.ckpt'}: no space left on device (")
@@ -142,22 +126,10 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_and_the_last_one_resumes(tmp_p
 
 # --- a resume from any step trains exactly the batches of a straight run -------------------------
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(record_trajectories):
     """12 real trajectories of the shipped base at N=4 (both CFG branches), recorded by
     `collect`: 9 train trajectories x 3 pairs x 2 branches = 54 samples, 7 batches of 8."""
-    import yaml
-
-    from migm.cli import REPO_ROOT, main
-
-    root = tmp_path_factory.mktemp("shards")
-    cfg = yaml.safe_load((REPO_ROOT / "configs/collect_tiny.yaml").read_text())
-    cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(root / "traj"), batches_per_shard=2)
-    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(root / "traj"))
-    cfg["model"]["init_args"].update(steps=4)
-    cfg["data"]["init_args"].update(num_trajectories=12, batch_size=6)
-    (root / "collect.yaml").write_text(yaml.safe_dump(cfg))
-    main(["collect", "--config", str(root / "collect.yaml")])
-    return root / "traj"
+    return record_trajectories(steps=4, trajectories=12, batch_size=6)
 
 
 class Batches(L.Callback):

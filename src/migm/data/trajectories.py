@@ -44,7 +44,6 @@ within the seed's batch). New shards are always schema 2.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -53,7 +52,7 @@ import h5py
 import numpy as np
 import torch
 
-from migm.files import DiskFullError, disk_full, temp_path
+from migm.files import atomic_write_bytes
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -202,26 +201,18 @@ class _KeptErrorFile:
 
 
 def _write_h5(path: Path, fill: Callable[[h5py.File], None]) -> Path:
-    """Write an HDF5 file whole or not at all: fill(file) under a temporary name, then rename.
-    Any failure removes the temporary; a full disk is a DiskFullError naming `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
+    """Write an HDF5 file whole or not at all (atomic_write_bytes: a temporary renamed onto
+    `path`, a full disk a DiskFullError naming it). HDF5 writes through _KeptErrorFile, so the
+    first write error surfaces only after HDF5 has closed the file (it crashes otherwise)."""
+    def write(tmp: Path) -> None:
         raw = _KeptErrorFile(tmp)
         try:
             with h5py.File(raw, "w") as f:
                 fill(f)
         finally:
             raw.close()
-        os.replace(tmp, path)
-    except BaseException as err:
-        reason = disk_full(err, tmp) if isinstance(err, Exception) else None
-        tmp.unlink(missing_ok=True)
-        if reason is not None:
-            raise DiskFullError(path, reason) from err
-        raise
-    return path
+    atomic_write_bytes(Path(path), write)
+    return Path(path)
 
 
 def write_shard(path: Path, schema: ShardSchema, features: np.ndarray, tokens: np.ndarray,
