@@ -48,5 +48,6 @@ class SequenceShortcutSource(PlannedSource):
         step = sequence_step(self.model, self.states, ctx.tokens, ctx.cond, ctx.revealed,
                              torch.full((R,), ctx.mask_ratio, device=device),
                              torch.full((R,), ctx.t, device=device))
+        step.new_count = ctx.new_count
         self.states = self.shortcut.step(step).to(self.states.dtype)
         return gather_grid(self.states, step.grid)

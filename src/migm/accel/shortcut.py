@@ -44,11 +44,7 @@ def shortcut_step(shortcut: ShortcutNetwork, ctx: StepContext) -> torch.Tensor:
     rows, device = len(ctx.tokens), ctx.tokens.device
     time = time_input(shortcut, torch.full((rows,), ctx.t, device=device),
                       torch.full((rows,), ctx.mask_ratio, device=device))
-    if isinstance(shortcut, ShortcutNetwork) and len(ctx.schedule) > ctx.step - 1 >= 1:
-        # every row decoded the schedule's count at step i-1: no need to ask the device
-        new = ctx.schedule[ctx.step - 2] - ctx.schedule[ctx.step - 1]
-        return shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time, new_count=new)
-    return shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time)
+    return shortcut(ctx.prev_features, ctx.tokens, ctx.revealed, time, new_count=ctx.new_count)
 
 def shortcut_source(model, shortcut, plan: RefreshPlan, temperature: float = 1.0) -> PlannedSource:
     """The source a trained shortcut runs in: a sequence-state network over a base that has a

@@ -35,6 +35,14 @@ class StepContext:
     seed: int = 0                        # the loop's seed: for a source's own noise, drawn apart
                                          # from the loop's generator (which stays the same for all)
 
+    @property
+    def new_count(self) -> int | None:
+        """How many positions every row decoded at step i-1 (the schedule says, so a network
+        packing them need not ask the device); None at step 1 or without a schedule."""
+        if self.step < 2 or len(self.schedule) < self.step:
+            return None
+        return self.schedule[self.step - 2] - self.schedule[self.step - 1]
+
 
 @dataclass
 class StepOutput:

@@ -183,7 +183,7 @@ class MaskGITShortcutNetwork(nn.Module):
         self.position_table.copy_(position_embedding.reshape(-1, c.feature_dim)[: c.num_tokens])
 
     def delta(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
-              mask_ratio: torch.Tensor) -> torch.Tensor:
+              mask_ratio: torch.Tensor, new_count: int | None = None) -> torch.Tensor:
         """S: features (B, T, D), T = L + 1 (grid, then the class slot); tokens and new (B, T) or
         (B, L) (grid only): the ids of x_{i-1} and the positions decoded at step i-1; mask_ratio
         (B,) of x_{i-1} in [0, 1] -> (B, T, D)."""
@@ -191,7 +191,7 @@ class MaskGITShortcutNetwork(nn.Module):
         if new.shape[1] < T:                                   # the class slot is never new
             new = torch.cat([new, new.new_zeros(B, T - new.shape[1])], 1)
             tokens = torch.cat([tokens, tokens.new_zeros(B, T - tokens.shape[1])], 1)
-        ids, positions, valid = pack_new_tokens(tokens, new)                      # (B, K) each
+        ids, positions, valid = pack_new_tokens(tokens, new, new_count)           # (B, K) each
         # padded entries (valid False) may point at the class slot: clamp them into the table
         positions = positions.clamp(max=self.config.num_tokens - 1)
         dtype = self.token_table.dtype
@@ -207,13 +207,13 @@ class MaskGITShortcutNetwork(nn.Module):
         return self.up(h)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, new: torch.Tensor,
-                mask_ratio: torch.Tensor) -> torch.Tensor:
+                mask_ratio: torch.Tensor, new_count: int | None = None) -> torch.Tensor:
         """f_{i-1} + S(...): (B, T, D), every position (the class slot's state moves too)."""
-        return features + self.delta(features, tokens, new, mask_ratio).to(features.dtype)
+        return features + self.delta(features, tokens, new, mask_ratio, new_count).to(features.dtype)
 
     def step(self, s: SequenceStep) -> torch.Tensor:
         """The sequence-source entry point: MaskGIT's sequence is the grid then the class slot."""
-        return self(s.states, s.ids, s.new, s.mask_ratio)
+        return self(s.states, s.ids, s.new, s.mask_ratio, s.new_count)
 
 
 # --- importing the official file --------------------------------------------------------------------

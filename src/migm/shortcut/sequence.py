@@ -50,6 +50,8 @@ class SequenceStep:
     # the base's input token table (model.input_embedding(), None where the base has no such
     # member): DiMOO's official shortcut embeds the tokens it is fed with it (dimoo_official.py)
     embed: torch.nn.Embedding | None = None
+    # positions every row decoded at step i-1, where the loop's schedule says (None: count them)
+    new_count: int | None = None
 
 
 def gather_grid(states: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
