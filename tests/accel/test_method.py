@@ -93,3 +93,22 @@ def test_grid_update_reports_each_point_to_its_progress_wrapper(small_migm):
 
     grid.update(torch.arange(4) % 10, seed=0, progress=progress)
     assert seen == [p.label for p in grid.points] and len(grid.calls) == 2
+
+
+def test_every_counter_a_method_computes_is_in_its_row(small_migm):
+    """The grid's rows carry the loop's counts whole: TaylorSeer's forecasts, reuse's reused
+    steps, and base_flops_fraction for the planned methods (B/N) as for the caches."""
+    from migm.evaluation.grid import EvaluationGrid
+    from migm.evaluation.quality import QualityMetrics
+
+    config = GridConfig(methods=[Vanilla(steps=[8]), Reuse(steps=[8], budgets=[2]),
+                                 TaylorSeer(steps=[8], interval=[3], order=[1])],
+                        reference_steps=8, latency_batch=2, latency_repeats=1, keep_images=0)
+    grid = EvaluationGrid(small_migm, None, QualityMetrics(), config)
+    grid.update(torch.arange(2) % 10, seed=0)
+    rows = {r["method"]: r for r in grid.compute()}
+    assert rows["vanilla"]["base_flops_fraction"] == 1.0
+    assert rows["reuse"]["reused"] == 6 and rows["reuse"]["base_flops_fraction"] == 2 / 8
+    full = TaylorSeer(steps=[8], interval=[3], order=[1]).config(3, 1).full_steps(8)
+    assert rows["taylorseer"]["forecasts"] == 8 - len(full)
+    assert rows["taylorseer"]["base_flops_fraction"] == len(full) / 8
