@@ -101,7 +101,8 @@ def test_test_writes_results_plot_samples_and_a_wandb_run(recorded, tmp_path, ma
     assert dump.returncode == 0, dump.stderr
     history = [json.loads(line) for line in dump.stdout.splitlines() if '"type":"history"' in line]
     keys = {key for rec in history for key in rec["history"]["item"]}
-    assert "eval/shortcut_N4_B2/fid_classifier" in keys, sorted(keys)[:20]
+    assert "eval/results._type" in keys and "eval/pareto_chart_table._type" in keys, sorted(keys)[:20]
+    assert not [k for k in keys if k.startswith("eval/shortcut_")]     # rows, not single-point lines
     assert "val/rel_err" in keys and "train/loss" in keys
     config = [json.loads(line) for line in dump.stdout.splitlines() if '"type":"config"' in line]
     logged = {k for rec in config for k in rec["config"]["update"]}

@@ -124,31 +124,20 @@ def write_report(rows: list[dict], samples: dict[str, torch.Tensor], out_dir: Pa
             "samples": plot_side_by_side(samples, out_dir / "samples.png")}
 
 
-def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, prefix: str = "eval") -> None:
-    """Scalars per configuration go to every logger (W&B history, CSV); W&B also gets the table,
-    the Pareto plot and the sample grid as images."""
-    y = fid_key(rows)
-    scalars = {}
-    for r in rows:
-        key = f"{prefix}/{r['method']}_{r['label'].replace('/', '_')}"
-        for name in (y, "class_accuracy", "clip_score", "latency_ms_per_image", "speedup"):
-            if r.get(name) is not None:
-                scalars[f"{key}/{name}"] = r[name]
+def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, prefix: str = "eval",
+               samples: dict[str, torch.Tensor] | None = None) -> None:
+    """Scalars per configuration go to the loggers that keep only scalars (CSV, TensorBoard); a
+    W&B run gets the rows as one table, a Pareto chart, a samples table, the PNGs and summary
+    values instead (evaluation/wandb_log.py says why)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from migm.evaluation.wandb_log import log_to_wandb, point_scalars
+    scalars = point_scalars(rows, prefix)
     for logger in loggers:
-        logger.log_metrics(scalars, step=step)
-        if hasattr(logger, "log_table"):                       # WandbLogger
-            import wandb
-            columns = list(rows[0])
-            # a W&B table column keeps one type: nested values (a calibration's {step: temperature},
-            # its keys differing row to row) go in as their JSON text
-            cell = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v
-            data = [[cell(r.get(c)) for c in columns] for r in rows]
-            logger.log_table(key=f"{prefix}/results", columns=columns, data=data, step=step)
-            logger.log_image(key=f"{prefix}/pareto", images=[str(files["pareto"])], step=step)
-            logger.log_image(key=f"{prefix}/samples", images=[str(files["samples"])], step=step)
-            chart = wandb.plot.scatter(wandb.Table(columns=columns, data=data), "latency_ms_per_image",
-                                       y, title="latency vs FID (one point per configuration)")
-            logger.experiment.log({f"{prefix}/pareto_chart": chart})
+        if isinstance(logger, WandbLogger):
+            log_to_wandb(logger, rows, files, prefix, samples=samples, step=step)
+        else:
+            logger.log_metrics(scalars, step=step)
 
 
 def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "eval") -> list[dict]:
@@ -161,7 +150,7 @@ def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "
         out = Path(out_dir) if out_dir else Path(trainer.default_root_dir) / prefix
         samples = {f"{p.name} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}
         files = write_report(rows, samples, out)
-        log_report(rows, files, trainer.loggers, trainer.global_step, prefix)
+        log_report(rows, files, trainer.loggers, trainer.global_step, prefix, samples)
         print(format_table(rows))
         print(f"wrote {', '.join(str(p) for p in files.values())}")
     return rows
