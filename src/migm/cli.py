@@ -106,12 +106,37 @@ def refuse_a_lone_override(argv: list[str]) -> None:
 
 class LoggedConfig(SaveConfigCallback):
     """Saves config.yaml beside the run (Lightning's default) and also hands the full resolved
-    config to every logger, so a W&B run says exactly how it was made."""
+    config to every logger as flat keys (`trainer.precision`, `model.lr`,
+    `evaluation.methods.Shortcut.budgets`), so W&B can filter and group a study's runs on any
+    setting (one JSON string under one key could only be read, not filtered)."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False, format="json")
+        import json
+        config = flat_config(json.loads(self.parser.dump(self.config, skip_none=False, format="json")))
         for logger in trainer.loggers:
-            logger.log_hyperparams({"config": config})
+            logger.log_hyperparams(config)
+
+
+def flat_config(value, prefix: str = "") -> dict:
+    """Nested config -> {"a.b.c": leaf}. A list of class_path entries (callbacks, loggers, grid
+    methods) is keyed by class name (`Shortcut`, a second one `Shortcut_2`) so a key means the
+    same setting in every run; other lists stay values."""
+    if isinstance(value, dict):
+        if "class_path" in value and prefix:
+            out = {f"{prefix}.class_path": value["class_path"]}
+            return out | flat_config(value.get("init_args") or {}, prefix)
+        out = {}
+        for key, item in value.items():
+            out |= flat_config(item, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
+        out, seen = {}, {}
+        for item in value:
+            name = str(item["class_path"]).rsplit(".", 1)[-1]
+            seen[name] = seen.get(name, 0) + 1
+            out |= flat_config(item, f"{prefix}.{name}" + (f"_{seen[name]}" if seen[name] > 1 else ""))
+        return out
+    return {prefix: value}
 
 
 class MigmCLI(LightningCLI):
@@ -323,14 +348,19 @@ def condense(message: str) -> str:
 
 
 def discard_failed_wandb_run() -> None:
-    """A run that failed before it logged a step leaves no W&B run behind (offline or not)."""
+    """A run that failed before it logged a step leaves no W&B run behind (offline or not), and
+    wandb is kept from printing the `wandb sync` command of a run about to be deleted; a run that
+    logged something is finished as failed and kept, and wandb's sync command for it holds."""
     import shutil
     wandb = sys.modules.get("wandb")
     run = getattr(wandb, "run", None) if wandb else None
     if run is None:
         return
-    empty = not run.summary.keys() and getattr(run, "step", 0) == 0
+    summary = [k for k in run.summary.keys() if not k.startswith("_")]
+    empty = not summary and getattr(run, "step", 0) == 0
     run_dir = Path(run.dir).parent            # .../wandb/offline-run-<time>-<id>
+    if empty:
+        run._settings.silent = True           # its footer would name a directory deleted next
     wandb.finish(exit_code=1)
     if empty and run_dir.name.startswith(("offline-run-", "run-")):
         shutil.rmtree(run_dir, ignore_errors=True)

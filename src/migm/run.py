@@ -3,9 +3,11 @@
 `run:` in a config (or `--run.name X` on the command line) gives the run's name, its directory
 (default `runs/<name>`), the W&B group a study's runs share (its collection, fit and test), and
 tags. Before anything is built the CLI fills, wherever the config left them unset, the trainer's
-`default_root_dir`, every logger's directory and name (W&B's group, job type and tags too), the
-checkpoint callbacks' `dirpath`, and `evaluation.out_dir`. So an experiment is the few lines it
-changes, and an output path stated explicitly is never overwritten.
+`default_root_dir`, every logger's directory and name (W&B's `<name>-<job type>`, group, job
+type and tags too; a resumed fit's W&B run id), the checkpoint callbacks' `dirpath`, and
+`evaluation.out_dir`, and adds the callbacks a reviewed run needs (learning rate, W&B lineage).
+So an experiment is the few lines it changes, and an output path stated explicitly is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -68,25 +70,72 @@ def apply_run(config: Any, run: RunConfig, subcommand: str) -> None:
     root = run.root
     trainer = config["trainer"]
     _fill(trainer, "default_root_dir", root)
-    for logger in as_list(_get(trainer, "logger")):
+    evaluation = _get(config, "evaluation")
+    explicit_out = _get(evaluation, "out_dir") if evaluation is not None else None
+    loggers = as_list(_get(trainer, "logger"))
+    for logger in loggers:
         args, cls = logger["init_args"], str(logger["class_path"])
         if cls.endswith("WandbLogger"):
-            _fill(args, "save_dir", root, unset=(None, "."))
-            _fill(args, "name", run.name)
+            # the W&B run follows the run's outputs: a test's explicit out_dir (`wandb sync
+            # <out_dir>/wandb/...`), else the trainer's directory (the run directory unless the
+            # config names another, as collection configs name their shard directory)
+            wandb_dir = explicit_out if subcommand == "test" and explicit_out else _get(trainer, "default_root_dir")
+            _fill(args, "save_dir", wandb_dir, unset=(None, "."))
+            job_type = JOB_TYPES.get(subcommand, subcommand)
+            _fill(args, "name", f"{run.name}-{job_type}")
             _fill_wandb_extras(logger, run, subcommand)
+            if subcommand == "fit":
+                _resume_wandb_run(args, _get(config, "ckpt_path"))
         elif cls.endswith(("CSVLogger", "TensorBoardLogger")):        # migm.run.CSVLogger
             _fill(args, "save_dir", root)
     for callback in as_list(_get(trainer, "callbacks")):
         if "dirpath" in callback["init_args"]:
             _fill(callback["init_args"], "dirpath", f"{root}/checkpoints")
-    evaluation = _get(config, "evaluation")
     if evaluation is not None:
         _fill(evaluation, "out_dir", f"{root}/eval")
+    _add_review_callbacks(trainer, loggers, subcommand)
+
+
+def _add_review_callbacks(trainer: Any, loggers: list, subcommand: str) -> None:
+    """Every logged fit records its learning rate (Lightning's LearningRateMonitor), and every
+    run with a W&B logger its lineage (evaluation/lineage.py): added here, so no config (nor an
+    experiment that replaces the callback list) can leave them out."""
+    from jsonargparse import Namespace
+    callbacks = as_list(_get(trainer, "callbacks"))
+    present = {str(c["class_path"]).rsplit(".", 1)[-1] for c in callbacks}
+    wanted = []
+    if subcommand == "fit" and loggers and "LearningRateMonitor" not in present:
+        wanted.append(("lightning.pytorch.callbacks.LearningRateMonitor", {"logging_interval": "step"}))
+    if any(str(lg["class_path"]).endswith("WandbLogger") for lg in loggers) and "WandbLineage" not in present:
+        wanted.append(("migm.evaluation.lineage.WandbLineage", {}))
+    for class_path, init_args in wanted:
+        callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**init_args)))
+    if wanted:
+        trainer["callbacks"] = callbacks
+
+
+def _resume_wandb_run(args: Any, ckpt_path: str | None) -> None:
+    """A fit resumed from a checkpoint continues the W&B run that wrote it (the id stored in
+    wandb_run.json beside the checkpoint; WandbLogger passes resume="allow"), so a requeued job
+    is one run with one history, not a new run per requeue."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or _get(args, "id") or _get(args, "version"):
+        return
+    from migm.evaluation.lineage import WANDB_RUN_FILE
+    stored = Path(ckpt_path).parent / WANDB_RUN_FILE
+    if stored.is_file():
+        import json
+        try:
+            args["id"] = json.loads(stored.read_text())["id"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{stored}: not a W&B run record ({err}); delete it to start a new "
+                             "W&B run") from err
 
 
 def _fill_wandb_extras(logger: Any, run: RunConfig, subcommand: str) -> None:
     """group, job_type and tags go to wandb.init through WandbLogger's **kwargs (jsonargparse's
-    `dict_kwargs` of the logger entry), where the config did not set them."""
+    `dict_kwargs` of the logger entry), where the config did not set them. So `--run.group X`
+    sets a study's group: `--trainer.logger.init_args.group` names no WandbLogger argument and,
+    with several loggers, applies to the last one listed."""
     extras = dict(_get(logger, "dict_kwargs") or {})
     for key, value in (("group", run.group), ("job_type", JOB_TYPES.get(subcommand, subcommand)),
                        ("tags", run.tags or None)):
