@@ -1,0 +1,53 @@
+"""What a cluster installs: a torch range (its CUDA build), pytest only with the `test` extra,
+tensorboard as an extra, and `make setup` keeping this machine's exact CPU wheel."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+from migm.cli import REPO_ROOT
+
+PROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _requirements(names: list[str]) -> dict[str, Requirement]:
+    return {Requirement(r).name: Requirement(r) for r in names}
+
+
+def test_torch_is_a_range_and_pytest_is_not_a_runtime_dependency():
+    deps = _requirements(PROJECT["dependencies"])
+    torch = deps["torch"]
+    assert not [s for s in torch.specifier if s.operator in ("==", "===")], torch
+    assert torch.specifier.contains("2.13.0") and torch.specifier.contains("2.6.0"), torch
+    assert "pytest" not in deps
+
+
+def test_extras_hold_the_test_runner_and_tensorboard():
+    extras = {k: _requirements(v) for k, v in PROJECT["optional-dependencies"].items()}
+    assert "pytest" in extras["test"] and "tensorboard" in extras["tensorboard"]
+    assert PROJECT["scripts"]["migm"] == "migm.cli:cli"
+
+
+def test_make_setup_pins_the_cpu_wheel_as_a_constraint_and_installs_the_test_extra():
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    pin = re.search(r"^TORCH_PIN := (\S+)$", makefile, re.M)
+    assert pin and pin.group(1) == "torch==2.13.0"
+    recipe = makefile[makefile.index("$(VENV)/.installed: pyproject.toml"):].split("\n\n")[0]
+    assert re.search(r'install -q -c \$\(VENV\)/constraints.txt -e "\.\[test\]"', recipe), recipe
+
+
+def test_tensorboard_logger_takes_the_run_directory(tmp_path):
+    """Switching the logger by config: after `pip install migm[tensorboard]` a TensorBoardLogger
+    entry gets the run's directory like the others."""
+    pytest.importorskip("tensorboard")
+    from jsonargparse import Namespace
+
+    from migm.run import RunConfig, apply_run
+    config = Namespace(trainer=Namespace(default_root_dir=None, callbacks=[], logger=[Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(save_dir=None))]))
+    apply_run(config, RunConfig(name="x", root=str(tmp_path)).resolved([]), "fit")
+    assert config.trainer.logger[0].init_args.save_dir == str(tmp_path)
