@@ -98,6 +98,12 @@ def test_test_writes_results_plot_samples_and_a_wandb_run(recorded, tmp_path, ma
     assert not [k for k in keys if k.startswith("eval/shortcut_")]     # rows, not single-point lines
     assert {"val/rel_err", "train/loss"} <= {key for item in fit.history for key in item}
     assert {"trainer.max_epochs", "data_manifest_sha256"} <= set(fit.config)
+    assert [r.run["job_type"] for r in (fit, test)] == ["fit", "test"]
+    assert fit.run["run_group"] == test.run["run_group"] == "tiny"         # run.group: the name
+    assert any(k.startswith("lr-") for item in fit.history for k in item)   # LearningRateMonitor
+    (model,), (results,) = fit.artifacts, test.artifacts                  # checkpoint -> results
+    assert json.loads(results["metadata"])["inputs"] == test.config["lineage.inputs"] == [
+        f"{model['name']}:{next(a for a in model['aliases'] if a != 'latest')}"]
 
 
 def test_evaluation_callback_scores_a_small_grid_during_fit(recorded, tmp_path, make_config):

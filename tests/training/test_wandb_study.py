@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from wandb_runs import offline_runs
 
@@ -23,6 +24,7 @@ def _collect(root, group: str):
     return root / "traj"
 
 
+@pytest.mark.slow              # four commands: ~1 min here (test_shortcut.py checks a fit + test fast)
 def test_a_study_is_one_group_with_its_lineage(tmp_path, make_config):
     shards = _collect(tmp_path, "study")
     cfg = make_config(tmp_path, shards, wandb=True, max_epochs=1)
