@@ -178,3 +178,58 @@ def first_nonfinite(named) -> str | None:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return name
     return None
+
+
+# --- output directories ---------------------------------------------------------------------------
+def check_writable(directory: str | Path, field: str) -> Path:
+    """Create `directory` if needed and prove a file can be written in it, before any work
+    starts: a read-only or foreign directory found after an hour of generation loses the hour.
+    `field` names the setting that chose it, for the one-line error."""
+    directory = Path(directory)
+    probe = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(directory / "write-check")
+        probe.write_bytes(b"")
+    except OSError as err:
+        raise ValueError(f"{field}: {directory} is not writable ({err.strerror or err}); choose "
+                         "another directory") from None
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
+    return directory
+
+
+class DirectoryLock:
+    """An exclusive lock on an output directory (`<dir>/.lock`, flock'ed, holding the PID), so
+    two runs never write the same results file: the second refuses at once, naming the first.
+    The kernel drops the lock when its process dies, so a killed run leaves nothing to clean."""
+
+    def __init__(self, directory: str | Path, what: str = "run") -> None:
+        self.path = Path(directory) / ".lock"
+        self.what = what
+        self._file = None
+
+    def acquire(self) -> DirectoryLock:
+        import fcntl
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ValueError(f"{self.path.parent} is in use by another {self.what} (PID {holder}); "
+                             "wait for it to finish or choose another directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()              # closing drops the flock; the file may stay
+            self._file = None

@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from migm.files import check_writable
+
 # the W&B job type of each command (`collect` runs on Lightning's predict loop)
 JOB_TYPES = {"fit": "fit", "validate": "validate", "test": "test", "predict": "collect"}
 
@@ -165,6 +167,7 @@ class Preemption(Callback):
     def __init__(self) -> None:
         self.signal: int | None = None
         self.saved: Path | None = None
+        self.points: int = 0                # finished evaluation points kept in `saved` (test)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -173,6 +176,9 @@ class Preemption(Callback):
             self.signal = signal.SIGINT
         else:
             return
+        results = getattr(pl_module, "results", None)          # test: evaluation/results_file.py
+        if trainer.state.fn == TrainerFn.TESTING and results is not None and results.rows:
+            self.saved, self.points = results.dir / "results.jsonl", len(results.rows)
         if trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0:
             ckpt = trainer.checkpoint_callback
             directory = Path(getattr(ckpt, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
@@ -188,6 +194,36 @@ class Preemption(Callback):
         if self.saved is None:
             return (f"stopped by {name}: nothing was finished or saved; run the same command again "
                     "to redo it")
+        if self.points:
+            return (f"stopped by {name}: {self.points} finished points are kept in {self.saved}; run "
+                    "the same command again to resume from them")
         args = [a for i, a in enumerate(argv) if a != "--ckpt_path" and (i == 0 or argv[i - 1] != "--ckpt_path")]
         return (f"stopped by {name}: saved {self.saved}; resume with: migm {' '.join(args)} "
                 f"--ckpt_path {self.saved}")
+
+
+# --- where a run writes, checked before it works ---------------------------------------------------
+def output_dirs(trainer, subcommand: str) -> list[tuple[str, Path]]:
+    """(the setting that chose it, directory) for everything this run will write: the run's
+    directory and every logger's; for fit the checkpoint directories, for collect the shard
+    directory (the evaluation's out_dir is checked by the evaluation, which also locks it)."""
+    dirs = [("trainer.default_root_dir", Path(trainer.default_root_dir))]
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir:
+            dirs.append((f"trainer.logger ({type(logger).__name__}).save_dir", Path(save_dir)))
+    for callback in trainer.callbacks:
+        name = type(callback).__name__
+        if subcommand == "fit" and getattr(callback, "dirpath", None):
+            dirs.append((f"trainer.callbacks ({name}).dirpath", Path(callback.dirpath)))
+        if subcommand == "predict" and getattr(callback, "out_dir", None):
+            dirs.append((f"trainer.callbacks ({name}).out_dir", Path(callback.out_dir)))
+    return dirs
+
+
+def check_outputs(trainer, subcommand: str) -> None:
+    """Every output directory is writable, or one line says which setting to change: found
+    after an epoch of training or an hour of generation, the work would be lost."""
+    for field_name, directory in output_dirs(trainer, subcommand):
+        check_writable(directory, field_name)
+

@@ -75,11 +75,20 @@ class GridConfig:
         return [p for m in self.methods for p in m.points()]
 
 
+def check_steps(points: list[GridPoint], num_tokens: int) -> None:
+    """Every step reveals at least one token: N above the base's L cannot run."""
+    if too_long := [p for p in points if p.steps > num_tokens]:
+        p = too_long[0]
+        raise ValueError(f"evaluation.methods: {type(p.method).__name__}.steps {p.steps} is more "
+                         f"than the base's {num_tokens} tokens (every step reveals at least one)")
+
+
 class EvaluationGrid(nn.Module):
     def __init__(self, model, shortcut: nn.Module | None, metrics: QualityMetrics, config: GridConfig) -> None:
         super().__init__()
         self.model, self.shortcut, self.config = model, shortcut, config
         self.points = config.points()
+        check_steps(self.points, model.num_tokens)
         if shortcut is None and (needy := [p.label for p in self.points if p.method.needs_shortcut]):
             raise ValueError(f"grid points {needy} need shortcut weights and none were given")
         self.metrics = nn.ModuleList(metrics.clone() for _ in self.points)   # one per point
@@ -111,10 +120,11 @@ class EvaluationGrid(nn.Module):
         return point.method.schedule or self.config.schedule
 
     @torch.no_grad()
-    def update(self, cond: torch.Tensor, seed: int, progress: Callable | None = None) -> None:
-        """Generate this batch with every point and score it (`progress`, e.g. tqdm, wraps the
-        points: a batch of a large grid takes many minutes)."""
-        pairs = list(zip(self.points, self.metrics))
+    def update(self, cond: torch.Tensor, seed: int, progress: Callable | None = None,
+               points: list[GridPoint] | None = None) -> None:
+        """Generate this batch with every point (or those given) and score it (`progress`, e.g.
+        tqdm, wraps the points: a batch of a large grid takes many minutes)."""
+        pairs = [(p, m) for p, m in zip(self.points, self.metrics) if points is None or p in points]
         for point, metrics in (progress(pairs) if progress else pairs):
             result = self.generate(point, cond, seed)
             images = self.model.decode(result.tokens)
@@ -137,8 +147,36 @@ class EvaluationGrid(nn.Module):
 
     @torch.no_grad()
     def compute(self, progress: Callable | None = None) -> list[dict]:
-        """One row per point: quality over everything fed; latency at `latency_batch`, timed in
-        interleaved rounds (every point once per round), speedups as the median per-round ratio."""
+        """One row per point: quality over everything fed, then latency at `latency_batch`, timed
+        in interleaved rounds (every point once per round), speedups as the median per-round ratio."""
+        return self.timed([self.quality_row(p) for p in self.points], progress)
+
+    def quality_row(self, point: GridPoint) -> dict:
+        """Everything a point's row says except its timing: its settings, its quality over every
+        batch fed (a collective over ranks: every rank calls it, point by point in grid order)
+        and the counters of its steps."""
+        c = self.config
+        return {"method": point.name, "label": point.label, "steps": point.steps,
+                "budget": dict(point.knobs).get("budgets", point.steps),
+                **self.metrics[self.points.index(point)].compute(),
+                **self.calls.get(point, {}),   # every counter the method's steps reported (loop.Counts)
+                **{k: v for k, v in point.values.items() if k != "steps"},
+                **{f"method_{k}": v for k, v in point.method.describe().items()},
+                "schedule": self.schedule(point),
+                "step_temperatures": ({str(k): v for k, v in self.fitted[point].items()}
+                                      if point in self.fitted else None),
+                **asdict(c.sampler), "reference_steps": c.reference_steps}
+
+    def restore(self, point: GridPoint, row: dict) -> None:
+        """Take back what a finished point's row recorded and the timing needs: its calibrated
+        step temperatures (so it is timed as it was scored, without refitting)."""
+        if row.get("step_temperatures"):
+            self.fitted[point] = {int(k): float(v) for k, v in row["step_temperatures"].items()}
+
+    @torch.no_grad()
+    def timed(self, rows: list[dict], progress: Callable | None = None) -> list[dict]:
+        """`rows` (one per point, in grid order) completed with latency, speedup and its range,
+        the call-count ideal and peak memory, all from one set of interleaved rounds."""
         c = self.config
         device = next(self.model.parameters()).device
         lat_cond = torch.arange(c.latency_batch, device=device) % self.model.num_classes
@@ -152,34 +190,24 @@ class EvaluationGrid(nn.Module):
         if progress and hasattr(bar, "close"):
             bar.close()
         ref = self.reference()
-        rows = []
-        for point, metrics in zip(self.points, self.metrics):
-            calls = self.calls.get(point, {})
+        out = []
+        for point, row in zip(self.points, rows):
             speedup, lo, hi = rounds.speedup(ref, point)
             peak, peak_delta = rounds.peaks.get(point, (None, None))
-            row = {"method": point.name, "label": point.label, "steps": point.steps,
-                   "budget": dict(point.knobs).get("budgets", point.steps), **metrics.compute(),
-                   **calls,          # every counter the method's steps reported (loop.Counts)
-                   "latency_ms_per_image": rounds.median_ms(point) / c.latency_batch,
+            row = {**row, "latency_ms_per_image": rounds.median_ms(point) / c.latency_batch,
                    "latency_batch": c.latency_batch, "latency_rounds": c.latency_repeats,
                    "speedup": speedup, "speedup_min": lo, "speedup_max": hi,
                    "peak_memory_mib": peak, "peak_memory_above_start_mib": peak_delta,
                    "threads": rounds.threads, "device": rounds.device,
-                   "load_before": rounds.load[0], "load_after": rounds.load[1], **costs,
-                   **{k: v for k, v in point.values.items() if k != "steps"},
-                   **{f"method_{k}": v for k, v in point.method.describe().items()},
-                   "schedule": self.schedule(point),
-                   "step_temperatures": ({str(k): v for k, v in self.fitted[point].items()}
-                                         if point in self.fitted else None),
-                   **asdict(c.sampler), "reference_steps": c.reference_steps}
+                   "load_before": rounds.load[0], "load_after": rounds.load[1], **costs}
             # the bound from model calls alone: what the speedup would be if only calls cost time
             # (a cache's partial step counts as its share of a full call's FLOPs)
-            model_ms = calls.get("base_flops_fraction", 0.0) * point.steps * costs["base_call_ms"] + \
-                calls.get("shortcut_calls", 0) * costs.get("shortcut_call_ms", 0.0)
+            model_ms = row.get("base_flops_fraction", 0.0) * point.steps * costs["base_call_ms"] + \
+                (row.get("shortcut_calls") or 0) * costs.get("shortcut_call_ms", 0.0)
             row["ideal_speedup"] = c.reference_steps * costs["base_call_ms"] / model_ms if model_ms else None
             row["measured_over_ideal"] = speedup / row["ideal_speedup"] if row["ideal_speedup"] else None
-            rows.append(row)
-        return rows
+            out.append(row)
+        return out
 
     def reset(self) -> None:
         for m in self.metrics:

@@ -2,9 +2,11 @@
 
 EvaluationModule owns everything `migm test` does: it loads the frozen base, the shortcut weights
 a grid point needs (a fit checkpoint, an exported asset or a released file), builds the quality
-metrics, feeds every rank's share of the test conditions through the grid (FID states summed
-over ranks by torchmetrics), then times the points in interleaved rounds and writes the report.
-A training-free study (vanilla, reuse, the caches) needs no shortcut at all.
+metrics, and runs the grid point by point over every rank's share of the test conditions (FID
+states summed over ranks by torchmetrics). Each point's row is written to results.jsonl when its
+quality is computed, so a stopped evaluation resumes where it stopped (evaluation/results_file.py);
+the points are then timed together in interleaved rounds and the report is written. A
+training-free study (vanilla, reuse, the caches) needs no shortcut at all.
 
 The CLI builds it from the config: the `model` section names the base and the shortcut network
 (a ShortcutModule's fields, or this module's own), the top-level `evaluation` and `metrics`
@@ -13,19 +15,20 @@ sections say what is run and what it is measured against (cli.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
-from migm.evaluation.grid import EvaluationGrid, GridConfig
-from migm.evaluation.report import finish_evaluation
+from migm.evaluation.grid import EvaluationGrid, GridConfig, check_steps
+from migm.evaluation.report import publish, write_pictures
+from migm.evaluation.results_file import ResultsFile, point_key
 from migm.evaluation.setup import MetricsConfig, build_metrics
 from migm.evaluation.weights import load_test_weights
-from migm.files import CheckpointError
+from migm.files import CheckpointError, sha256
 from migm.models.registry import BaseKind, check_files, load_spec
 from migm.shortcut.network import NetworkConfig, ShortcutConfig
 
@@ -40,10 +43,18 @@ class EvaluationConfig(GridConfig):
             released file (`maskgit-shortcut.pth`, read by the network's importer) or a fit
             checkpoint. A real base needs its own (never the embedded default's).
         out_dir: where results.jsonl, pareto.png and samples.png go (default: <run dir>/eval).
+        resume: keep the points a stopped run of the same config finished in out_dir (false:
+            redo every point; a different config is refused either way, naming what differs).
     """
 
     weights: str | None = "shortcut.pt"
     out_dir: str | None = None
+    resume: bool = True
+
+    def identity(self) -> dict:
+        """The settings a row's quality depends on (not where it goes, nor how it is timed)."""
+        skip = ("out_dir", "resume", "latency_batch", "latency_repeats")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 class EvaluationModule(L.LightningModule):
@@ -105,19 +116,100 @@ class EvaluationModule(L.LightningModule):
         print(f"evaluating shortcut weights {weights}")
         return network.eval().requires_grad_(False)
 
+    def out_dir(self) -> Path:
+        return Path(self.evaluation.out_dir or Path(self.trainer.default_root_dir) / "eval")
+
+    def identity(self, weights: str | None) -> dict:
+        """What the rows in out_dir must have been made with to be kept: the base, the shortcut
+        weights (and their bytes), the grid, the metrics and the test conditions."""
+        data = getattr(getattr(self.trainer, "datamodule", None), "hparams", {}) or {}
+        exists = weights is not None and Path(weights).is_file()
+        return {"model": self.spec, "network": self.network_config, "weights": weights,
+                "weights_sha256": sha256(Path(weights)) if exists else None,
+                "evaluation": self.evaluation.identity(), "metrics": self.metrics,
+                "data": {k: v for k, v in dict(data).items()
+                         if k.startswith("test_") or k in ("num_classes", "seed")}}
+
+    def setup(self, stage: str) -> None:
+        """out_dir is checked, locked and matched against what it holds before anything loads
+        or runs: on rank 0, which alone writes there; the other ranks learn its verdict."""
+        if stage != "test":
+            return
+        weights = self.weights()
+        check_steps(self.evaluation.points(), self.base.num_tokens)
+        verdict, results = None, None
+        if self.trainer.is_global_zero:
+            try:
+                results = ResultsFile(self.out_dir(), self.identity(weights), self.evaluation.resume)
+            except ValueError as err:
+                verdict = str(err)
+        verdict = self.trainer.strategy.broadcast(verdict, src=0)
+        if verdict:
+            raise ValueError(verdict)
+        object.__setattr__(self, "results", results)
+        self.finished = self.trainer.strategy.broadcast(dict(results.rows) if results else None, src=0)
+
     def on_test_start(self) -> None:
         weights = self.weights()
+        self.batches: list[tuple[torch.Tensor, int]] = []
         base = self.base
         metrics = build_metrics(self.metrics, base, self.spec["base_kind"], self.device)
         grid = EvaluationGrid(base, self.shortcut(weights), metrics, self.evaluation).to(self.device)
         object.__setattr__(self, "grid", grid)        # holds the base: kept out of state_dict
 
     def test_step(self, batch, batch_idx):
+        """Lightning hands each rank its share of the conditions; they are kept, and the grid
+        runs over them point by point at the epoch's end (a point is what resumes)."""
         cond, index = batch
-        progress = partial(tqdm, desc=f"batch {batch_idx + 1}: grid points", leave=False,
-                           disable=not self.trainer.is_global_zero)
-        self.grid.update(cond.to(self.device), seed=self.evaluation.seed + int(index[0]), progress=progress)
+        self.batches.append((cond, self.evaluation.seed + int(index[0])))
 
     def on_test_epoch_end(self) -> None:
-        out = self.evaluation.out_dir or Path(self.trainer.default_root_dir) / "eval"
-        finish_evaluation(self.grid, self.trainer, out)
+        grid, results = self.grid, self.results
+        todo = [p for p in grid.points if point_key(p.name, p.label) not in self.finished]
+        if self.trainer.is_global_zero and self.finished:
+            tqdm.write(f"{self.out_dir()}: {len(grid.points) - len(todo)} of {len(grid.points)} "
+                       "points already finished with this config; running the rest, then timing "
+                       "every point (--evaluation.resume false redoes them)")
+        rows = []
+        # closed on a stop too, so the one line that says what was kept starts a line of its own
+        with tqdm(total=len(todo) * len(self.batches), desc="quality", unit="batch",
+                  disable=not (self.trainer.is_global_zero and todo)) as bar:
+            for index, point in enumerate(grid.points):
+                done = self.finished.get(point_key(point.name, point.label))
+                if done is not None:
+                    grid.restore(point, done)
+                    rows.append(done)
+                    continue
+                bar.set_postfix_str(f"{point.name} {point.label}")
+                for cond, seed in self.batches:
+                    if self.trainer.received_sigterm:    # Lightning's handler only sets the flag
+                        raise SIGTERMException
+                    grid.update(cond.to(self.device), seed=seed, points=[point])
+                    bar.update()
+                row = grid.quality_row(point)               # collective: every rank, same order
+                if results is not None:
+                    results.add(index, row, grid.samples(point) if grid.kept[point] else None)
+                rows.append(row)
+        rows = grid.timed(rows, progress=self._ticks)
+        if results is not None:
+            path = results.complete(rows)
+            samples = {}
+            for index, point in enumerate(grid.points):
+                kept = grid.samples(point) if grid.kept[point] else results.samples(index)
+                if kept is not None:
+                    samples[point_key(point.name, point.label)] = kept
+            publish(rows, {"results": path, **write_pictures(rows, samples, self.out_dir())},
+                    self.trainer, "eval", samples)
+
+    def _ticks(self, runs):
+        """The timing rounds' progress bar, which also stops them at a SIGTERM."""
+        with tqdm(runs, desc="latency", unit="run", disable=not self.trainer.is_global_zero) as bar:
+            for tick in bar:
+                if self.trainer.received_sigterm:
+                    raise SIGTERMException
+                yield tick
+
+    def teardown(self, stage: str) -> None:
+        results = getattr(self, "results", None)
+        if results is not None:
+            results.close()

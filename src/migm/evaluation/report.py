@@ -120,8 +120,15 @@ def write_report(rows: list[dict], samples: dict[str, torch.Tensor], out_dir: Pa
     out_dir = Path(out_dir)
     text = "".join(json.dumps(r) + "\n" for r in [*rows, *extra_rows])
     atomic_write_bytes(out_dir / "results.jsonl", lambda tmp: tmp.write_text(text))
-    return {"results": out_dir / "results.jsonl", "pareto": plot_pareto(rows, out_dir / "pareto.png"),
-            "samples": plot_side_by_side(samples, out_dir / "samples.png")}
+    return {"results": out_dir / "results.jsonl", **write_pictures(rows, samples, out_dir)}
+
+
+def write_pictures(rows: list[dict], samples: dict[str, torch.Tensor], out_dir: Path) -> dict[str, Path]:
+    """pareto.png and (when any point kept images) samples.png under `out_dir`."""
+    files = {"pareto": plot_pareto(rows, Path(out_dir) / "pareto.png")}
+    if samples:
+        files["samples"] = plot_side_by_side(samples, Path(out_dir) / "samples.png")
+    return files
 
 
 def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, prefix: str = "eval",
@@ -140,8 +147,18 @@ def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, pre
             logger.log_metrics(scalars, step=step)
 
 
+def publish(rows: list[dict], files: dict[str, Path], trainer, prefix: str = "eval",
+            samples: dict[str, torch.Tensor] | None = None) -> None:
+    """Rank 0's last word on an evaluation: every logger gets the rows (W&B the `samples` too, as
+    a table of images), the console the table."""
+    log_report(rows, files, trainer.loggers, trainer.global_step, prefix, samples)
+    print(format_table(rows))
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+
+
 def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "eval") -> list[dict]:
-    """Compute the grid's rows (collective over ranks), then write and log them on rank 0."""
+    """Compute the grid's rows (collective over ranks), then write and log them on rank 0 (the
+    training-time callback's evaluation; `test`'s own resumes point by point, module.py)."""
     from tqdm import tqdm
     # the latency phase takes minutes on a CPU: show it (on rank 0 only)
     rows = grid.compute(progress=lambda points: tqdm(points, desc="latency", unit="config",
@@ -149,8 +166,5 @@ def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "
     if trainer.is_global_zero:
         out = Path(out_dir) if out_dir else Path(trainer.default_root_dir) / prefix
         samples = {f"{p.name} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}
-        files = write_report(rows, samples, out)
-        log_report(rows, files, trainer.loggers, trainer.global_step, prefix, samples)
-        print(format_table(rows))
-        print(f"wrote {', '.join(str(p) for p in files.values())}")
+        publish(rows, write_report(rows, samples, out), trainer, prefix, samples)
     return rows
