@@ -116,3 +116,61 @@ def test_help_lists_every_verb_under_the_program_name():
     for verb in ("fit", "test", "collect", "bench", "generate", "evaluate", "export", "curves"):
         assert f"\n  {verb} " in result.stdout
     assert result.stdout.startswith("usage: migm")
+
+
+# --- values that cannot be right, refused before any work ----------------------------------------
+def test_invalid_yaml_names_its_file_and_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("evaluation:\n  reference_steps: [8\nmodel: 3\n")
+    line = assert_one_line(run_cli("test", "--config", "configs/tiny.yaml", "--config", str(bad)),
+                           str(bad), "line 3", "not valid YAML")
+    assert "<unicode string>" not in line
+
+
+def test_a_nan_sampler_temperature_is_refused_naming_the_field(tmp_path):
+    nan = tmp_path / "nan.yaml"
+    nan.write_text("evaluation:\n  sampler:\n    temperature: .nan\n")
+    assert_one_line(run_cli("test", "--config", "configs/tiny.yaml", "--config", str(nan)),
+                    "sampler.temperature", "nan")
+
+
+def test_zero_test_samples_is_refused_and_leaves_the_older_results_alone(tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.jsonl").write_text("{}\n")
+    assert_one_line(run_cli("test", "--data.init_args.test_samples", "0", "--evaluation.out_dir", str(out)),
+                    "data.test_samples", ">= 1")
+    assert (out / "results.jsonl").read_text() == "{}\n"
+
+
+def test_more_steps_than_tokens_is_refused_before_generation(tmp_path):
+    def long(cfg):
+        cfg["evaluation"].update(methods=[{"class_path": "migm.accel.method.Vanilla",
+                                           "init_args": {"steps": [8, 500]}}], reference_steps=8)
+        cfg["run"] = {"root": str(tmp_path / "run")}
+    line = assert_one_line(run_cli("test", "--config", tiny_config(tmp_path, long)),
+                           "evaluation.methods", "Vanilla.steps 500", "49 tokens")
+    assert not (tmp_path / "run" / "eval" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "test", "collect"])
+def test_an_unwritable_output_directory_is_found_before_any_work(tmp_path, command):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    # the collect config names its directory itself (the shards' and the run's)
+    where = "--trainer.default_root_dir" if command == "collect" else "--run.root"
+    result = run_cli(command, where, str(blocker / "run"))
+    line = assert_one_line(result, str(blocker / "run"), "not writable", "Not a directory")
+    assert line.startswith("error: trainer.default_root_dir") or "out_dir" in line
+    assert "Epoch" not in result.stderr and "Testing DataLoader" not in result.stderr
+
+
+def test_a_garbage_fid_reference_is_one_line_naming_it(tmp_path):
+    garbage = tmp_path / "stats.npz"
+    garbage.write_bytes(os.urandom(256))
+    from migm.evaluation.reference import read_stats
+    from migm.files import CheckpointError
+    with pytest.raises(CheckpointError) as err:
+        read_stats(garbage)
+    assert str(garbage) in str(err.value) and "allow_pickle" not in str(err.value)
+    assert "not a numpy .npz archive" in str(err.value)

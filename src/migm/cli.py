@@ -87,21 +87,39 @@ def refuse_a_lone_override(argv: list[str]) -> None:
     default model: name the config it overrides instead."""
     if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
         return
-    configs = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
-    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    first = Path(configs[0]) if configs else None
+    configs = config_files(argv)
+    first = configs[0] if configs else None
     if first is None or not first.is_file():
         return
-    try:
-        data = yaml.safe_load(first.read_text())
-    except yaml.YAMLError:
-        return                                   # jsonargparse names the file and the syntax error
+    data = read_yaml(first)
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(data, dict) and not (isinstance(model, dict) and "class_path" in model):
         found = re.search(r"--config (\S+) --config \S*" + re.escape(first.name), first.read_text())
         base = found.group(1) if found else "the config it overrides"
         raise ValueError(f"{first}: an override (it names no model class_path); give the config it "
                          f"overrides first: --config {base} --config {first}")
+
+
+def config_files(argv: list[str]) -> list[Path]:
+    """The --config files of a command line, in order."""
+    configs = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    return [Path(c) for c in configs + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]]
+
+
+def read_yaml(path: Path):
+    """A config file's YAML, or one line naming the file, line and problem (jsonargparse would
+    say `"<unicode string>", line 2`, naming no file). A missing file is left to jsonargparse."""
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (a config is YAML text)") from None
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -188,6 +206,8 @@ class MigmCLI(LightningCLI):
                 callback.like, callback.like_metrics = evaluation, metrics
         self.preemption = Preemption()                 # what a signalled run saved (cli())
         self.trainer.callbacks.append(self.preemption)
+        from migm.run import check_outputs
+        check_outputs(self.trainer, self.subcommand)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -286,6 +306,8 @@ def main(args: list[str] | None = None, raise_errors: bool = False):
     if argv[0] not in VERBS:
         raise ValueError(f"unknown command {argv[0]!r}; commands: {', '.join(VERBS)} (migm --help)")
     argv = with_default_config(argv)
+    for path in config_files(argv):
+        read_yaml(path)                    # a syntax error names its file
     refuse_a_lone_override(argv)
     commands = _project_commands()
     if argv[0] in commands:

@@ -286,6 +286,10 @@ class TrajectoryDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+        for name, value in (("test_samples", test_samples), ("test_batch_size", test_batch_size),
+                            ("batch_size", batch_size)):
+            if value < 1:       # 0 test samples ran nothing and left an older results.jsonl
+                raise ValueError(f"data.{name}: must be >= 1, got {value}")
         self.save_hyperparameters()
         self.schema: ShardSchema | None = None
 

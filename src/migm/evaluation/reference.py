@@ -133,16 +133,16 @@ def read_stats(path: str | Path) -> ReferenceStats:
         raise CheckpointError(f"FID reference statistics {path} not found: {HOW_TO_GET}")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path) as f:
-            keys = set(f.files)
-            if {"mu", "sigma"} <= keys:
-                count = int(f["count"]) if "count" in keys else None
-                preprocess = str(f["fid_preprocess"]) if "fid_preprocess" in keys else None
-                return ReferenceStats(f["mu"], f["sigma"], count, str(path), preprocess)
-            if "feats" in keys:                                   # clean-fid's KID file
-                acc = StatsAccumulator()
-                acc.update(torch.from_numpy(np.asarray(f["feats"])))
-                return acc.stats(str(path))
+        f = _open_npz(path)
+        keys = set(f)
+        if {"mu", "sigma"} <= keys:
+            count = int(f["count"]) if "count" in keys else None
+            preprocess = str(f["fid_preprocess"]) if "fid_preprocess" in keys else None
+            return ReferenceStats(f["mu"], f["sigma"], count, str(path), preprocess)
+        if "feats" in keys:                                       # clean-fid's KID file
+            acc = StatsAccumulator()
+            acc.update(torch.from_numpy(np.asarray(f["feats"])))
+            return acc.stats(str(path))
         raise CheckpointError(f"{path}: no FID statistics in it (arrays {sorted(keys)}; expected mu "
                               "and sigma as pytorch-fid and clean-fid write them, or feats)")
     if suffix == ".pt":
@@ -160,6 +160,22 @@ def read_stats(path: str | Path) -> ReferenceStats:
                               f"mu and sigma, or torchmetrics' {', '.join(_TORCHMETRICS_STATES)})")
     raise CheckpointError(f"{path}: unknown statistics format {suffix!r}: expected .npz (pytorch-fid, "
                           "clean-fid) or .pt (torch-fidelity), or a folder of images")
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a statistics .npz, which holds plain arrays only: anything else (a truncated
+    download, another file renamed, pickled objects) is one line naming the file, never numpy's
+    advice to set allow_pickle."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a numpy .npz archive (corrupt, truncated or another "
+                              f"kind of file); {HOW_TO_GET}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        reason = "it holds pickled objects" if "pickle" in str(err) else str(err)
+        raise CheckpointError(f"{path}: not readable as FID statistics ({reason}); {HOW_TO_GET}") from None
 
 
 def _load_pickled_stats(path: Path):

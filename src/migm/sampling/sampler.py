@@ -76,22 +76,22 @@ class SamplerConfig:
     (bf16-exact for DiMOO), rounded once here where the reference rounds each product."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.choice_temperature < 0:
-            raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")
-        if self.cfg_weight < 0:
-            raise ValueError(f"cfg_weight must be >= 0, got {self.cfg_weight}")
-        if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if not self.temperature > 0:                     # NaN fails this too
+            raise ValueError(f"sampler.temperature: must be > 0, got {self.temperature}")
+        if not self.choice_temperature >= 0:
+            raise ValueError(f"sampler.choice_temperature: must be >= 0, got {self.choice_temperature}")
+        if not self.cfg_weight >= 0:
+            raise ValueError(f"sampler.cfg_weight: must be >= 0, got {self.cfg_weight}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"sampler.logit_scale: must be > 0, got {self.logit_scale}")
         if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)}, got "
+            raise ValueError(f"sampler.cfg_schedule: must be one of {list(CFG_SCHEDULES)}, got "
                              f"{self.cfg_schedule!r}")
         if self.choice_schedule not in CHOICE_SCHEDULES:
-            raise ValueError(f"choice_schedule must be one of {list(CHOICE_SCHEDULES)}, got "
+            raise ValueError(f"sampler.choice_schedule: must be one of {list(CHOICE_SCHEDULES)}, got "
                              f"{self.choice_schedule!r}")
         if not isinstance(self.tempered_confidence, bool):
-            raise ValueError(f"tempered_confidence must be true or false, got "
+            raise ValueError(f"sampler.tempered_confidence: must be true or false, got "
                              f"{self.tempered_confidence!r}")
         for name in ("noise_dtype", "logits_dtype"):
             if getattr(self, name) not in DTYPES:
