@@ -4,7 +4,7 @@ Every `migm ...` / `python -m migm ...` command line quoted in README.md, docs/*
 experiments/archive/README.md (in ``` blocks and in inline `code`, lines ending in `\\` joined)
 is parsed by the CLI's own parser with `--print_config`, so a flag, a config file or a value a
 doc quotes that the program does not accept fails here, naming the doc and the line (command
-lines with placeholders, <...>, ..., FILE, DIR, are skipped; `make` lines name no migm command).
+lines with placeholders, <...>, ..., FILE, DIR, $VAR, are skipped; `make` lines name no migm command).
 A flag quoted on its own (`--metrics.fid inception`) must be accepted by some command. The docs
 also use no tracker words, repeat no heading, and every relative link (file and #anchor) resolves.
 """
@@ -26,7 +26,7 @@ DOCS = [d for d in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
 FENCE = re.compile(r"^```.*?$(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`([^`\n]+(?:\n[^`\n]+)*)`")           # a span may wrap, never over a blank line
 COMMAND = re.compile(r"(?:^|[\s(=])(?:(?:python3?\s+)?-m\s+)?migm\s+(.*)$")
-PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|…|\b(?:FILE|DIR)\b")
+PLACEHOLDER = re.compile(r"<[^>]*>|\.\.\.|…|\b(?:FILE|DIR)\b|\$\{?\w")   # a shell variable too
 
 
 def _line_of(text: str, pos: int) -> int:
