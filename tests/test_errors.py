@@ -174,3 +174,8 @@ def test_a_garbage_fid_reference_is_one_line_naming_it(tmp_path):
         read_stats(garbage)
     assert str(garbage) in str(err.value) and "allow_pickle" not in str(err.value)
     assert "not a numpy .npz archive" in str(err.value)
+
+
+def test_dropout_at_test_on_a_network_without_the_released_sites_is_refused():
+    assert_one_line(run_cli("test", "--evaluation.shortcut_dropout_at_test", "0.1"),
+                    "evaluation.shortcut_dropout_at_test", "ShortcutConfig", "MaskGITShortcutConfig")

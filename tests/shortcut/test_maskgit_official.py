@@ -23,7 +23,7 @@ from migm.models.maskgit import MaskGITConfig, MaskGITMIGM, MaskGITTransformer, 
 from migm.sampling.loop import VanillaSource, generate
 from migm.sampling.sampler import SamplerConfig
 from migm.shortcut.maskgit_official import (MaskGITShortcutConfig, load_official_maskgit_shortcut,
-                                            official_key)
+                                            official_key, set_test_dropout)
 from migm.shortcut.network import ShortcutConfig, ShortcutNetwork
 
 # D = 32, K = 16 codes, L = 16 (a 4x4 grid): the sequence has 17 positions, the class slot last
@@ -85,8 +85,11 @@ def save_official(tmp_path, c: MaskGITShortcutConfig = SMALL, seed: int = 0, edi
 
 
 # --- a plain re-implementation of MaskGITShortcut.forward ---------------------------------------
-def reference_forward(sd, wte, wpe, prev_feat, new_ids, new_map, mask_ratio, heads, freqs=16):
-    """prev_feat (B, T, D), new_ids (B, K), new_map (B, T) bool, mask_ratio (B,) -> (B, T, D)."""
+def reference_forward(sd, wte, wpe, prev_feat, new_ids, new_map, mask_ratio, heads, freqs=16,
+                      dropout=0.0):
+    """prev_feat (B, T, D), new_ids (B, K), new_map (B, T) bool, mask_ratio (B,) -> (B, T, D).
+    `dropout`: the module left in training mode, as eval.sh runs it (FeedForward's two Dropouts,
+    scaled_dot_product_attention's dropout_p; never in the last layer)."""
     B, T, D = prev_feat.shape
 
     def lin(x, n):
@@ -102,12 +105,16 @@ def reference_forward(sd, wte, wpe, prev_feat, new_ids, new_map, mask_ratio, hea
         k, v = F.linear(kv_in, w[d:2 * d], b[d:2 * d]), F.linear(kv_in, w[2 * d:], b[2 * d:])
         split = lambda z: z.view(B, z.shape[1], heads, d // heads).transpose(1, 2)
         q, k, v = split(q), split(k), split(v)
-        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1) @ v
+        if dropout:
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1) @ v
         a = a.transpose(1, 2).reshape(B, -1, d)
         return F.linear(a, sd[prefix + "fn.mha.out_proj.weight"], sd[prefix + "fn.mha.out_proj.bias"])
 
     def ff(prefix, x):
-        return lin(F.gelu(lin(ln(x, prefix + "norm"), prefix + "fn.net.0")), prefix + "fn.net.3")
+        drop = lambda z: F.dropout(z, dropout, training=True) if dropout else z
+        return drop(lin(drop(F.gelu(lin(ln(x, prefix + "norm"), prefix + "fn.net.0"))), prefix + "fn.net.3"))
 
     new = F.embedding(new_ids, wte) + wpe.expand(B, -1, -1)[new_map].reshape(B, new_ids.shape[1], D)
     new = lin(new, "new_token_proj_in")
@@ -162,6 +169,23 @@ def test_imported_network_is_the_reference_forward(tmp_path, config):
     # the grid-only form (new over L positions, the class slot implied) is the same call
     torch.testing.assert_close(net(prev, tokens[:, :16], new_map[:, :16], ratio), expected,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_at_test_is_the_reference_left_in_training_mode(tmp_path):
+    """eval.sh's shortcut samples with its dropout 0.1 active: the same sites, the same draws."""
+    path, sd = save_official(tmp_path, SMALL)
+    wte, wpe = base_tables()
+    net = load_official_maskgit_shortcut(path, SMALL, wte, wpe).eval()
+    prev, tokens, new_map, ids, ratio = random_step()
+    plain = net(prev, tokens, new_map, ratio)
+    assert set_test_dropout(net, 0.1) == 4 * SMALL.blocks        # 2 attentions + 2 FFs a block
+    torch.manual_seed(7)
+    ours = net(prev, tokens, new_map, ratio)
+    torch.manual_seed(7)
+    expected = reference_forward(sd, wte, wpe, prev, ids, new_map, ratio, SMALL.heads, dropout=0.1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, plain, atol=1e-3)
+    assert set_test_dropout(ShortcutNetwork(ShortcutConfig()), 0.1) == 0     # ours has no such sites
 
 
 def test_released_size_is_the_reference_forward(tmp_path):

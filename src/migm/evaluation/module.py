@@ -30,6 +30,7 @@ from migm.evaluation.setup import MetricsConfig, build_metrics
 from migm.evaluation.weights import load_test_weights
 from migm.files import CheckpointError, sha256
 from migm.models.registry import BaseKind, check_files, load_spec
+from migm.shortcut.maskgit_official import set_test_dropout
 from migm.shortcut.network import NetworkConfig, ShortcutConfig
 
 
@@ -45,11 +46,21 @@ class EvaluationConfig(GridConfig):
         out_dir: where results.jsonl, pareto.png and samples.png go (default: <run dir>/eval).
         resume: keep the points a stopped run of the same config finished in out_dir (false:
             redo every point; a different config is refused either way, naming what differs).
+        shortcut_dropout_at_test: 0 (what infer.py and every other method do), or the dropout
+            the MaskGIT shortcut samples with: the released evaluation (eval.sh) ran it with its
+            training dropout, 0.1, active; 0.1 reproduces that exactly (MaskGIT official only).
     """
 
     weights: str | None = "shortcut.pt"
     out_dir: str | None = None
     resume: bool = True
+    shortcut_dropout_at_test: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.shortcut_dropout_at_test < 1:
+            raise ValueError("evaluation.shortcut_dropout_at_test: a dropout probability in [0, 1), "
+                             f"got {self.shortcut_dropout_at_test}")
 
     def identity(self) -> dict:
         """The settings a row's quality depends on (not where it goes, nor how it is timed)."""
@@ -114,7 +125,13 @@ class EvaluationModule(L.LightningModule):
         network = self.network_config.build()
         network.load_state_dict(load_test_weights(weights, self.network_config, self.spec, self.base))
         print(f"evaluating shortcut weights {weights}")
-        return network.eval().requires_grad_(False)
+        network = network.eval().requires_grad_(False)
+        if p := self.evaluation.shortcut_dropout_at_test:
+            if not set_test_dropout(network, p):
+                raise ValueError(f"evaluation.shortcut_dropout_at_test: {type(self.network_config).__name__} "
+                                 "has none of the released MaskGIT shortcut's dropout sites "
+                                 "(MaskGITShortcutConfig has)")
+        return network
 
     def out_dir(self) -> Path:
         return Path(self.evaluation.out_dir or Path(self.trainer.default_root_dir) / "eval")

@@ -107,6 +107,7 @@ class QueryNormAttention(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
+        self.dropout = 0.0          # on the attention weights, in eval mode too (set_test_dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d) attends to context (B, K, d) (not normed); valid (B, K) masks padded keys."""
@@ -115,7 +116,7 @@ class QueryNormAttention(nn.Module):
         k, v = F.linear(context, w[d:], b[d:]).chunk(2, dim=-1)
         q, k, v = (rearrange(z, "b t (h e) -> b h t e", h=self.heads) for z in (q, k, v))
         mask = None if valid is None else valid[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
 
 
@@ -126,9 +127,24 @@ class NormedMLP(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.fc1, self.fc2 = nn.Linear(width, ratio * width), nn.Linear(ratio * width, width)
+        self.dropout = 0.0          # after the GELU and after fc2, in eval mode too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        p = self.dropout
+        h = F.dropout(F.gelu(self.fc1(self.norm(x))), p, training=p > 0)
+        return F.dropout(self.fc2(h), p, training=p > 0)
+
+
+def set_test_dropout(network: nn.Module, p: float) -> int:
+    """Turn on the reference's dropout at inference: the released eval.sh built the shortcut with
+    dropout 0.1 (main.py) and never called eval(), so its Table 1 samples were drawn with dropout
+    active in the FeedForward (after GELU and after the second Linear) and on the attention
+    weights of both attentions, never in the last layer. Returns how many sites were set (0: the
+    network has none of the reference's sites)."""
+    sites = [m for m in network.modules() if isinstance(m, (QueryNormAttention, NormedMLP))]
+    for module in sites:
+        module.dropout = float(p)
+    return len(sites)
 
 
 class OfficialBlock(nn.Module):
