@@ -25,7 +25,7 @@ def test_flatten_gives_one_dotted_key_per_setting():
 
 def test_rows_added_are_kept_and_come_back_on_reopening(tmp_path):
     results = ResultsFile(tmp_path, CONFIG_A)
-    results.add(0, row("N2", 10.0), torch.zeros(3, 1, 4, 4))
+    results.add(0, row("N2", 10.0), torch.zeros(3, 1, 4, 4), ["class 0, seed 0 image 0"] * 3)
     results.add(1, row("N4", 5.0), None)
     results.close()
     lines = [json.loads(line) for line in (tmp_path / RESULTS).read_text().splitlines()]
@@ -33,7 +33,9 @@ def test_rows_added_are_kept_and_come_back_on_reopening(tmp_path):
     assert {r["config_hash"] for r in lines} == {config_hash(flatten(plain(CONFIG_A)))}
     again = ResultsFile(tmp_path, CONFIG_A)
     assert again.finished("vanilla N2")["fid"] == 10.0 and again.finished("vanilla N8") is None
-    assert torch.equal(again.samples(0), torch.zeros(3, 1, 4, 4)) and again.samples(1) is None
+    images, captions = again.samples(0)
+    assert torch.equal(images, torch.zeros(3, 1, 4, 4)) and captions == ["class 0, seed 0 image 0"] * 3
+    assert again.samples(1) is None
     again.close()
 
 

@@ -31,7 +31,8 @@ def _log(tmp_path, rows, prefix="eval"):
     logger = WandbLogger(project="migm-test", save_dir=str(tmp_path), offline=True, group="study",
                          job_type="test")
     csv = CSVLogger(str(tmp_path), name="csv")
-    log_report(rows, files, [logger, csv], step=0, prefix=prefix, samples=samples)
+    captions = {k: [f"class {j % 10}, seed 0 image {j}" for j in range(10)] for k in samples}
+    log_report(rows, files, [logger, csv], step=0, prefix=prefix, samples=samples, captions=captions)
     logger.experiment.finish()
     csv.finalize("success")
     (run,) = offline_runs(tmp_path / "wandb")
@@ -69,6 +70,10 @@ def test_a_test_run_logs_one_row_per_point_once_a_chart_and_captioned_samples(tm
     captions = [r[2]["caption"] for r in samples["data"]]
     assert captions[3].startswith("shortcut N16/B4: 10 samples")
     assert all(r[2]["_type"] == "image-file" for r in samples["data"])
+    # then the first samples one by one, each saying what it was drawn for
+    assert samples["columns"][5:] == [f"sample_{j}" for j in range(8)]
+    assert [c["caption"] for c in samples["data"][3][5:]] == [
+        f"shortcut N16/B4: class {j}, seed 0 image {j}" for j in range(8)]
 
     summary = run.summary
     assert summary["eval/shortcut/best_fid_classifier"] == 21.0

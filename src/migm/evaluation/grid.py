@@ -75,6 +75,15 @@ class GridConfig:
         return [p for m in self.methods for p in m.points()]
 
 
+def condition_text(model, c: int, width: int = 60) -> str:
+    """Condition c as a person reads it: its prompt for a text-to-image base, else its class."""
+    prompts = getattr(model, "prompts", None)
+    if prompts is not None:
+        text = str(prompts[c] if isinstance(prompts, (list, tuple)) else prompts.prompts[c])
+        return f'"{text[:width]}{"..." if len(text) > width else ""}"'
+    return f"class {c}"
+
+
 def check_steps(points: list[GridPoint], num_tokens: int) -> None:
     """Every step reveals at least one token: N above the base's L cannot run."""
     if too_long := [p for p in points if p.steps > num_tokens]:
@@ -94,6 +103,7 @@ class EvaluationGrid(nn.Module):
         self.metrics = nn.ModuleList(metrics.clone() for _ in self.points)   # one per point
         self.calls: dict[GridPoint, dict[str, float]] = {}
         self.kept: dict[GridPoint, list[torch.Tensor]] = {p: [] for p in self.points}
+        self.captions: dict[GridPoint, list[str]] = {p: [] for p in self.points}   # one per kept image
         self.fitted: dict[GridPoint, dict[int, float]] = {}     # calibrated step temperatures
 
     def generate(self, point: GridPoint, cond: torch.Tensor, seed: int):
@@ -132,9 +142,16 @@ class EvaluationGrid(nn.Module):
             self.calls[point] = result.counts
             if sum(map(len, self.kept[point])) < self.config.keep_images:
                 self.kept[point].append(images.cpu())
+                self.captions[point] += [f"{condition_text(self.model, int(c))}, seed {seed} image {j}"
+                                         for j, c in enumerate(cond.tolist())]
 
     def samples(self, point: GridPoint) -> torch.Tensor:
         return torch.cat(self.kept[point])[: self.config.keep_images]
+
+    def sample_captions(self, point: GridPoint) -> list[str]:
+        """What each kept sample was drawn for: its condition (class or prompt) and its batch's
+        seed and place in the batch (the batch is one draw: image j of seed s)."""
+        return self.captions[point][: self.config.keep_images]
 
     def call_costs(self) -> dict[str, float]:
         """ms per base call and per shortcut call on a mid-generation grid at the latency batch."""
@@ -215,3 +232,4 @@ class EvaluationGrid(nn.Module):
         self.calls.clear()
         self.fitted.clear()                 # the shortcut may have changed (training callback)
         self.kept = {p: [] for p in self.points}
+        self.captions = {p: [] for p in self.points}

@@ -205,18 +205,21 @@ class EvaluationModule(L.LightningModule):
                     bar.update()
                 row = grid.quality_row(point)               # collective: every rank, same order
                 if results is not None:
-                    results.add(index, row, grid.samples(point) if grid.kept[point] else None)
+                    results.add(index, row, grid.samples(point) if grid.kept[point] else None,
+                                grid.sample_captions(point))
                 rows.append(row)
         rows = grid.timed(rows, progress=self._ticks)
         if results is not None:
             path = results.complete(rows)
-            samples = {}
+            samples, captions = {}, {}
             for index, point in enumerate(grid.points):
-                kept = grid.samples(point) if grid.kept[point] else results.samples(index)
+                key = point_key(point.name, point.label)
+                kept = ((grid.samples(point), grid.sample_captions(point)) if grid.kept[point]
+                        else results.samples(index))
                 if kept is not None:
-                    samples[point_key(point.name, point.label)] = kept
+                    samples[key], captions[key] = kept
             publish(rows, {"results": path, **write_pictures(rows, samples, self.out_dir())},
-                    self.trainer, "eval", samples)
+                    self.trainer, "eval", samples, captions)
 
     def _ticks(self, runs):
         """The timing rounds' progress bar, which also stops them at a SIGTERM."""

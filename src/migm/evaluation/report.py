@@ -132,7 +132,8 @@ def write_pictures(rows: list[dict], samples: dict[str, torch.Tensor], out_dir: 
 
 
 def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, prefix: str = "eval",
-               samples: dict[str, torch.Tensor] | None = None) -> None:
+               samples: dict[str, torch.Tensor] | None = None,
+               captions: dict[str, list[str]] | None = None) -> None:
     """Scalars per configuration go to the loggers that keep only scalars (CSV, TensorBoard); a
     W&B run gets the rows as one table, a Pareto chart, a samples table, the PNGs and summary
     values instead (evaluation/wandb_log.py says why)."""
@@ -142,16 +143,17 @@ def log_report(rows: list[dict], files: dict[str, Path], loggers, step: int, pre
     scalars = point_scalars(rows, prefix)
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            log_to_wandb(logger, rows, files, prefix, samples=samples, step=step)
+            log_to_wandb(logger, rows, files, prefix, samples=samples, captions=captions, step=step)
         else:
             logger.log_metrics(scalars, step=step)
 
 
 def publish(rows: list[dict], files: dict[str, Path], trainer, prefix: str = "eval",
-            samples: dict[str, torch.Tensor] | None = None) -> None:
+            samples: dict[str, torch.Tensor] | None = None,
+            captions: dict[str, list[str]] | None = None) -> None:
     """Rank 0's last word on an evaluation: every logger gets the rows (W&B the `samples` too, as
     a table of images), the console the table."""
-    log_report(rows, files, trainer.loggers, trainer.global_step, prefix, samples)
+    log_report(rows, files, trainer.loggers, trainer.global_step, prefix, samples, captions)
     print(format_table(rows))
     print(f"wrote {', '.join(str(p) for p in files.values())}")
 
@@ -166,5 +168,6 @@ def finish_evaluation(grid, trainer, out_dir: str | Path | None, prefix: str = "
     if trainer.is_global_zero:
         out = Path(out_dir) if out_dir else Path(trainer.default_root_dir) / prefix
         samples = {f"{p.name} {p.label}": grid.samples(p) for p in grid.points if grid.kept[p]}
-        publish(rows, write_report(rows, samples, out), trainer, prefix, samples)
+        captions = {f"{p.name} {p.label}": grid.sample_captions(p) for p in grid.points if grid.kept[p]}
+        publish(rows, write_report(rows, samples, out), trainer, prefix, samples, captions)
     return rows

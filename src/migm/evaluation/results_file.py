@@ -12,7 +12,7 @@ finished points, and completes the rows in place.
 
     out_dir/results.jsonl         one JSON row per point (quality first, latency once timed)
     out_dir/results.config.json   {"config_hash": ..., "config": {dotted key: value}}
-    out_dir/points/<n>.pt         the samples a finished point kept for samples.png
+    out_dir/points/<n>.pt         the samples a finished point kept (and their captions)
     out_dir/.lock                 held while a run writes here (files.DirectoryLock)
 """
 
@@ -138,15 +138,20 @@ class ResultsFile:
     def finished(self, key: str) -> dict | None:
         return self.rows.get(key)
 
-    def samples(self, index: int) -> torch.Tensor | None:
+    def samples(self, index: int) -> tuple[torch.Tensor, list[str]] | None:
+        """The samples point `index` kept, and their captions, as a finished run wrote them."""
         path = self.dir / POINTS / f"{index:03d}.pt"
-        return torch.load(path, weights_only=True) if path.exists() else None
+        if not path.exists():
+            return None
+        kept = torch.load(path, weights_only=True)
+        return kept["images"], list(kept["captions"])
 
-    def add(self, index: int, row: dict, samples: torch.Tensor | None) -> None:
+    def add(self, index: int, row: dict, samples: torch.Tensor | None, captions: list[str] = ()) -> None:
         """Record a finished point: its samples first, then its row (the row is the commit)."""
         if samples is not None:
             (self.dir / POINTS).mkdir(exist_ok=True)
-            atomic_write_bytes(self.dir / POINTS / f"{index:03d}.pt", lambda tmp: torch.save(samples, tmp))
+            kept = {"images": samples, "captions": list(captions)}
+            atomic_write_bytes(self.dir / POINTS / f"{index:03d}.pt", lambda tmp: torch.save(kept, tmp))
         self.rows[point_key(row["method"], row["label"])] = {**row, "config_hash": self.hash}
         self._write(list(self.rows.values()))
 

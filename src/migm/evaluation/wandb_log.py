@@ -96,21 +96,33 @@ def pareto_chart(rows: list[dict], reference_steps: int | None = None):
 
 
 def samples_table(rows: list[dict], samples: dict[str, torch.Tensor], seed: int | None = None,
-                  per_row: int = 10):
-    """One row per grid point with its kept samples as one captioned wandb.Image (the same
-    seeds and conditions in every row, so rows compare image by image)."""
+                  per_row: int = 10, captions: dict[str, list[str]] | None = None, shown: int = 8):
+    """One row per grid point: its kept samples as one wandb.Image grid, then the first `shown`
+    one by one, each captioned with the method, label, condition (class or prompt) and seed it
+    was drawn with (the same seeds and conditions in every row, so rows compare image by image)."""
     import wandb
     data = []
     for r in rows:
-        images = samples.get(f"{r['method']} {r['label']}")
+        key = f"{r['method']} {r['label']}"
+        images = samples.get(key)
         if images is None or not len(images):
             continue
         n = len(images) - len(images) % per_row if len(images) >= per_row else len(images)
         grid = image_grid(images[:n], rows=max(1, n // per_row) if n >= per_row else 1)
         grid = grid[..., 0] if grid.shape[-1] == 1 else grid          # grey: (H, W)
-        caption = f"{r['method']} {r['label']}: {n} samples" + (f", seeds from {seed}" if seed is not None else "")
-        data.append([r["method"], r["label"], wandb.Image(grid, caption=caption), n, seed])
-    return wandb.Table(columns=["method", "label", "samples", "num_shown", "seed"], data=data)
+        caption = f"{key}: {n} samples" + (f", seeds from {seed}" if seed is not None else "")
+        said = (captions or {}).get(key, [])
+        singles = []
+        for j in range(shown):
+            if j >= len(images):
+                singles.append(None)
+                continue
+            one = image_grid(images[j:j + 1], rows=1, pad=0)
+            one = one[..., 0] if one.shape[-1] == 1 else one
+            singles.append(wandb.Image(one, caption=f"{key}: {said[j]}" if j < len(said) else key))
+        data.append([r["method"], r["label"], wandb.Image(grid, caption=caption), n, seed, *singles])
+    return wandb.Table(columns=["method", "label", "samples", "num_shown", "seed",
+                                *(f"sample_{j}" for j in range(shown))], data=data)
 
 
 def headline(rows: list[dict], prefix: str) -> dict[str, Any]:
@@ -152,7 +164,7 @@ def point_scalars(rows: list[dict], prefix: str) -> dict[str, float]:
 
 def log_to_wandb(logger, rows: list[dict], files: dict[str, Path], prefix: str,
                  samples: dict[str, torch.Tensor] | None = None, seed: int | None = None,
-                 step: int = 0) -> None:
+                 step: int = 0, captions: dict[str, list[str]] | None = None) -> None:
     """Everything above into a WandbLogger's run, in one history record (at the logger's
     `trainer/global_step`, as Lightning logs every metric): the results table (once), the Pareto
     chart, the samples table, the static PNGs (for offline viewing), and the summary."""
@@ -164,7 +176,7 @@ def log_to_wandb(logger, rows: list[dict], files: dict[str, Path], prefix: str,
     if files.get("samples"):
         record[f"{prefix}/samples_grid"] = wandb.Image(str(files["samples"]), caption="one row per grid point")
     if samples:
-        record[f"{prefix}/samples"] = samples_table(rows, samples, seed)
+        record[f"{prefix}/samples"] = samples_table(rows, samples, seed, captions=captions)
     if prefix == "fit_eval":
         record.update(point_scalars(rows, prefix))
     logger.log_metrics(record, step=step)
