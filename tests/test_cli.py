@@ -132,11 +132,21 @@ def test_evaluate_writes_results_and_grids(tmp_path):
     assert (tmp_path / "samples.png").exists() and (tmp_path / "pareto.png").exists()
 
 
-def test_bench_reports_every_part_of_a_step(tmp_path):
+def test_bench_reports_every_part_of_a_step(tmp_path, monkeypatch):
     import json
+
+    from wandb_runs import offline_runs
+    monkeypatch.setenv("WANDB_MODE", "offline")
     out = main(["bench", "--batch_size", "4", "--repeats", "1", "--steps", "8", "--budgets", "[2]",
-                "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "b.json")])
+                "--trajectories", str(tmp_path / "none"), "--out", str(tmp_path / "b.json"),
+                "--group", "study"])
     assert json.loads((tmp_path / "b.json").read_text()) == out
+    # the same numbers as a W&B run of the study's group, read back with wandb's reader
+    (run,) = offline_runs(tmp_path / "wandb")
+    assert (run.run["job_type"], run.run["run_group"], run.run["display_name"]) == ("bench", "study", "bench")
+    assert run.config["batch_size"] == 4 and run.config["budgets"] == [2]
+    assert run.summary["bench/shortcut_vs_base/rows"] == 8
+    assert run.table("bench/end_to_end")["columns"][0] == "config"
     costs = out["step_costs"]
     assert all(costs[k] > 0 for k in ("base_features_ms", "head_and_sampler_ms", "decode_ms"))
     short = out["shortcut_vs_base"]

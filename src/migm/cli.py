@@ -249,15 +249,6 @@ def base_fields(model) -> dict:
     return {**spec, "network": getattr(model, "network_config", None)}
 
 
-def default_wandb_mode() -> None:
-    """W&B offline unless the user configured an API key: runs never need a network, and
-    `wandb sync <run dir>` uploads them later."""
-    netrc = Path.home() / ".netrc"
-    logged_in = "WANDB_API_KEY" in os.environ or (netrc.exists() and "wandb" in netrc.read_text())
-    if not logged_in:
-        os.environ.setdefault("WANDB_MODE", "offline")
-
-
 def enable_method_classes() -> None:
     """Let YAML choose acceleration methods (`evaluation.methods`) and shortcut architectures
     (`network`) by class_path: jsonargparse treats dataclasses as fixed groups unless their
@@ -284,6 +275,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True, raise_errors
     """LightningCLI over any LightningModule/DataModule; `raise_errors`: a bad config raises
     jsonargparse's ArgumentError instead of printing usage and exiting (the one-line mode)."""
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    from migm.run import default_wandb_mode
     default_wandb_mode()
     parser_kwargs = {}
     if raise_errors:

@@ -159,7 +159,7 @@ def evaluate(steps: list[int] = [4, 8, 12, 16, 32], num_samples: int = 1000, bat
 def bench(batch_size: int = 64, repeats: int = 5, steps: int = 32, budgets: list[int] = [4, 8],
           trajectories: Path | None = Path("runs/trajectories/tiny"), base: str = "base.pt",
           tokenizer: str = "tokenizer.pt", shortcut: str = "shortcut.pt",
-          out: Path = Path("runs/bench/bench.json")) -> dict:
+          out: Path = Path("runs/bench/bench.json"), wandb: bool = True, group: str | None = None) -> dict:
     """Speed and size numbers: per-call costs, end-to-end speedup, collection and loader rates.
 
     Args:
@@ -172,9 +172,15 @@ def bench(batch_size: int = 64, repeats: int = 5, steps: int = 32, budgets: list
         tokenizer: tokenizer weights.
         shortcut: shortcut weights (an untrained network of the default shape if absent: same cost).
         out: where the JSON is written.
+        wandb: also log the numbers as a W&B run of job type `bench` (offline unless logged in),
+            its files beside `out`.
+        group: that run's W&B group (a study's name, to sit beside its collect, fit and test).
     """
     import json
 
+    config = {"batch_size": batch_size, "repeats": repeats, "steps": steps, "budgets": budgets,
+              "trajectories": str(trajectories), "base": base, "tokenizer": tokenizer,
+              "shortcut": shortcut}
 
     model = _load_base(base, tokenizer)
     net = _shortcut_or_default(shortcut, model)
@@ -189,6 +195,11 @@ def bench(batch_size: int = 64, repeats: int = 5, steps: int = 32, budgets: list
         for row in values if isinstance(values, list) else [values]:
             print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"wrote {out}")
+    if wandb:
+        from migm.evaluation.wandb_log import log_bench
+        from migm.run import default_wandb_mode
+        default_wandb_mode()
+        print(f"W&B run: {log_bench(results, Path(out).parent, config, group)}")
     return results
 
 

@@ -12,6 +12,7 @@ overwritten.
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,3 +228,11 @@ def check_outputs(trainer, subcommand: str) -> None:
     for field_name, directory in output_dirs(trainer, subcommand):
         check_writable(directory, field_name)
 
+
+def default_wandb_mode() -> None:
+    """W&B offline unless the user configured an API key: runs never need a network, and
+    `wandb sync <run dir>` uploads them later."""
+    netrc = Path.home() / ".netrc"
+    logged_in = "WANDB_API_KEY" in os.environ or (netrc.exists() and "wandb" in netrc.read_text())
+    if not logged_in:
+        os.environ.setdefault("WANDB_MODE", "offline")

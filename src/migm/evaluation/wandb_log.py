@@ -183,3 +183,24 @@ def log_to_wandb(logger, rows: list[dict], files: dict[str, Path], prefix: str,
     summary = logger.experiment.summary
     for key, value in headline(rows, prefix).items():
         summary[key] = value
+
+
+def log_bench(results: dict, out_dir: Path, config: dict, group: str | None = None) -> Path:
+    """`migm bench` as a W&B run of job type `bench` (offline unless logged in), in `group` so a
+    study's speed numbers sit beside its collect, fit and test runs: the arguments as flat config
+    keys, each section as a table, every number of a one-row section in the summary."""
+    import wandb
+    run = wandb.init(project="migm", dir=str(out_dir), name="bench", job_type="bench",
+                     group=group or "bench", config=dict(config))
+    for section, values in results.items():
+        rows = values if isinstance(values, list) else [values]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        run.log({f"bench/{section}": wandb.Table(columns=keys, data=[[cell(r.get(k)) for k in keys] for r in rows])})
+        if len(rows) == 1:
+            for k, v in rows[0].items():
+                if isinstance(v, (int, float)):
+                    run.summary[f"bench/{section}/{k}"] = v
+    path = Path(run.dir).parent
+    run.finish()
+    return path
+
