@@ -37,17 +37,4 @@ def test_make_setup_pins_the_cpu_wheel_as_a_constraint_and_installs_the_test_ext
     pin = re.search(r"^TORCH_PIN := (\S+)$", makefile, re.M)
     assert pin and pin.group(1) == "torch==2.13.0"
     recipe = makefile[makefile.index("$(VENV)/.installed: pyproject.toml"):].split("\n\n")[0]
-    assert re.search(r'install -q -c \$\(VENV\)/constraints.txt -e "\.\[test\]"', recipe), recipe
-
-
-def test_tensorboard_logger_takes_the_run_directory(tmp_path):
-    """Switching the logger by config: after `pip install migm[tensorboard]` a TensorBoardLogger
-    entry gets the run's directory like the others."""
-    pytest.importorskip("tensorboard")
-    from jsonargparse import Namespace
-
-    from migm.run import RunConfig, apply_run
-    config = Namespace(trainer=Namespace(default_root_dir=None, callbacks=[], logger=[Namespace(
-        class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=Namespace(save_dir=None))]))
-    apply_run(config, RunConfig(name="x", root=str(tmp_path)).resolved([]), "fit")
-    assert config.trainer.logger[0].init_args.save_dir == str(tmp_path)
+    assert re.search(r'install -q -c \$\(VENV\)/constraints.txt -e "\.\[test,tensorboard\]"', recipe), recipe

@@ -89,7 +89,7 @@ def apply_run(config: Any, run: RunConfig, subcommand: str) -> None:
             _fill_wandb_extras(logger, run, subcommand)
             if subcommand == "fit":
                 _resume_wandb_run(args, _get(config, "ckpt_path"))
-        elif cls.endswith(("CSVLogger", "TensorBoardLogger")):        # migm.run.CSVLogger
+        elif cls.endswith(("CSVLogger", "TensorBoardLogger")):        # migm.run's, or Lightning's
             _fill(args, "save_dir", root)
     for callback in as_list(_get(trainer, "callbacks")):
         if "dirpath" in callback["init_args"]:
@@ -145,6 +145,14 @@ def _fill_wandb_extras(logger: Any, run: RunConfig, subcommand: str) -> None:
         if value is not None:
             extras.setdefault(key, value)
     logger["dict_kwargs"] = extras
+
+
+class TensorBoardLogger(loggers.TensorBoardLogger):
+    """Lightning's TensorBoardLogger (needs `pip install migm[tensorboard]`) whose directory may
+    be left to the run, as for CSVLogger."""
+
+    def __init__(self, save_dir: str | None = None, name: str | None = "tensorboard", **kwargs) -> None:
+        super().__init__(save_dir if save_dir is not None else ".", name=name, **kwargs)
 
 
 class CSVLogger(loggers.CSVLogger):
