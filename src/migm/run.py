@@ -204,8 +204,9 @@ class Preemption(Callback):
             return (f"stopped by {name}: nothing was finished or saved; run the same command again "
                     "to redo it")
         if self.points:
-            return (f"stopped by {name}: {self.points} finished points are kept in {self.saved}; run "
-                    "the same command again to resume from them")
+            kept = f"{self.points} finished points are" if self.points > 1 else "1 finished point is"
+            return (f"stopped by {name}: {kept} kept in {self.saved}; run the same command again to "
+                    "resume from them")
         args = [a for i, a in enumerate(argv) if a != "--ckpt_path" and (i == 0 or argv[i - 1] != "--ckpt_path")]
         return (f"stopped by {name}: saved {self.saved}; resume with: migm {' '.join(args)} "
                 f"--ckpt_path {self.saved}")
