@@ -85,3 +85,28 @@ def test_source_step_temperature_divides_the_logits(small_migm):
     b = generate(small_migm, VanillaSource(small_migm), cond, 6, seed=4, sampler=SamplerConfig(temperature=2.0))
     c = generate(small_migm, VanillaSource(small_migm), cond, 6, seed=4)
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+
+
+def test_autocast_covers_the_networks_of_a_step_and_not_the_sampler(small_migm, monkeypatch):
+    """As a reference's torch.autocast wraps its forward: the features, the head and the guidance
+    under autocast; the sampler gets the logits as they are and computes in its logits_dtype."""
+    import migm.sampling.loop as loop
+    from tests.conftest import record_steps
+    seen = []
+    sample_step = loop.sample_step
+
+    def spy(logits, *args, **kwargs):
+        seen.append((logits.dtype, torch.is_autocast_cpu_enabled()))
+        return sample_step(logits, *args, **kwargs)
+    monkeypatch.setattr(loop, "sample_step", spy)
+    source = VanillaSource(small_migm)
+    outputs = record_steps(source)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    result = generate(small_migm, source, torch.arange(4), 4, sampler=SamplerConfig(cfg_weight=1.0),
+                      autocast=bf16)
+    assert len(outputs) == 4       # (features leave a final LayerNorm, which autocast keeps fp32)
+    assert seen == [(torch.bfloat16, False)] * 4    # head and guidance in bf16, sampled outside
+    assert (result.tokens < small_migm.mask_id).all()
+    seen.clear()
+    generate(small_migm, VanillaSource(small_migm), torch.arange(4), 4, sampler=SamplerConfig(cfg_weight=1.0))
+    assert seen == [(torch.float32, False)] * 4                 # no autocast: fp32 throughout

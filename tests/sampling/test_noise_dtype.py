@@ -84,6 +84,23 @@ def test_fp32_noise_on_the_same_step_differs():
 
 
 def test_bad_dtypes_name_the_field():
-    for name in ("noise_dtype", "logits_dtype"):
-        with pytest.raises(ValueError, match=name):
-            SamplerConfig(**{name: "float16"})
+    for name, bad in (("noise_dtype", "float16"), ("logits_dtype", "float64")):
+        with pytest.raises(ValueError, match=f"sampler.{name}"):
+            SamplerConfig(**{name: bad})
+
+
+def test_an_fp16_step_keeps_the_most_confident_under_the_maskgit_references_fp16_softmax():
+    """MaskGIT's reference softmaxes the fp16 logits of its autocast forward and ranks by
+    log(prob[drawn]) in fp16 (Trainer/vit.py sample_shortcut): logits_dtype float16 does too."""
+    g = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(B, M, K, generator=g)).to(torch.float16)
+    config = SamplerConfig(cfg_weight=0.0, choice_temperature=0.0, logits_dtype="float16")
+    drawn, keep = sample_step(logits, 15, 0.5, config, torch.Generator().manual_seed(5), step=8, steps=15)
+    prob = torch.softmax(logits, -1)                                     # fp16, as the reference
+    confidence = torch.log(prob.gather(-1, drawn.unsqueeze(-1)).squeeze(-1))
+    assert confidence.dtype == torch.float16 and (keep.sum(1) == 15).all()
+    for b in range(B):
+        assert confidence[b][keep[b]].min() >= confidence[b][~keep[b]].max()
+    # the fp32 ranking of the same draws differs from the fp16 one somewhere (fp16 ties)
+    fp32 = torch.log_softmax(logits.float(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+    assert not torch.equal(confidence.float(), fp32)

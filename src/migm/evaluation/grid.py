@@ -11,6 +11,7 @@ latency.py), so every speedup compares numbers taken on the same machine under t
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -93,9 +94,11 @@ def check_steps(points: list[GridPoint], num_tokens: int) -> None:
 
 
 class EvaluationGrid(nn.Module):
-    def __init__(self, model, shortcut: nn.Module | None, metrics: QualityMetrics, config: GridConfig) -> None:
+    def __init__(self, model, shortcut: nn.Module | None, metrics: QualityMetrics, config: GridConfig,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        """`autocast`: the context each step's network work runs in (sampling/loop.py)."""
         super().__init__()
-        self.model, self.shortcut, self.config = model, shortcut, config
+        self.model, self.shortcut, self.config, self.autocast = model, shortcut, config, autocast
         self.points = config.points()
         check_steps(self.points, model.num_tokens)
         if shortcut is None and (needy := [p.label for p in self.points if p.method.needs_shortcut]):
@@ -107,8 +110,8 @@ class EvaluationGrid(nn.Module):
         self.fitted: dict[GridPoint, dict[int, float]] = {}     # calibrated step temperatures
 
     def generate(self, point: GridPoint, cond: torch.Tensor, seed: int):
-        return generate(self.model, self.source(point), cond, point.steps,
-                        schedule=self.schedule(point), sampler=self.config.sampler, seed=seed)
+        return generate(self.model, self.source(point), cond, point.steps, schedule=self.schedule(point),
+                        sampler=self.config.sampler, seed=seed, autocast=self.autocast)
 
     def source(self, point: GridPoint):
         """The point's feature source, with its step temperatures once calibrated (fitted on the

@@ -15,8 +15,10 @@ sections say what is run and what it is measured against (cli.py).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -34,6 +36,9 @@ from migm.shortcut.maskgit_official import set_test_dropout
 from migm.shortcut.network import NetworkConfig, ShortcutConfig
 
 
+AUTOCAST = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": None}
+
+
 @dataclass
 class EvaluationConfig(GridConfig):
     """The grid `test` runs (GridConfig's fields), and:
@@ -46,6 +51,9 @@ class EvaluationConfig(GridConfig):
         out_dir: where results.jsonl, pareto.png and samples.png go (default: <run dir>/eval).
         resume: keep the points a stopped run of the same config finished in out_dir (false:
             redo every point; a different config is refused either way, naming what differs).
+        precision: the autocast every point generates under: null, the trainer's (its
+            `precision`, which the fit config sets for training); "16-mixed", fp16 autocast, as
+            the MaskGIT reference samples (its torch.amp.autocast('cuda') around every forward).
         shortcut_dropout_at_test: 0 (what infer.py and every other method do), or the dropout
             the MaskGIT shortcut samples with: the released evaluation (eval.sh) ran it with its
             training dropout, 0.1, active; 0.1 reproduces that exactly (MaskGIT official only).
@@ -55,9 +63,13 @@ class EvaluationConfig(GridConfig):
     out_dir: str | None = None
     resume: bool = True
     shortcut_dropout_at_test: float = 0.0
+    precision: Literal["16-mixed", "bf16-mixed", "32-true"] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.precision not in (None, *AUTOCAST):
+            raise ValueError(f"evaluation.precision: one of {list(AUTOCAST)} or null (the trainer's), "
+                             f"got {self.precision!r}")
         if not 0 <= self.shortcut_dropout_at_test < 1:
             raise ValueError("evaluation.shortcut_dropout_at_test: a dropout probability in [0, 1), "
                              f"got {self.shortcut_dropout_at_test}")
@@ -171,7 +183,8 @@ class EvaluationModule(L.LightningModule):
         self.batches: list[tuple[torch.Tensor, int]] = []
         base = self.base
         metrics = build_metrics(self.metrics, base, self.spec["base_kind"], self.device)
-        grid = EvaluationGrid(base, self.shortcut(weights), metrics, self.evaluation).to(self.device)
+        grid = EvaluationGrid(base, self.shortcut(weights), metrics, self.evaluation,
+                              autocast=self.autocast).to(self.device)
         object.__setattr__(self, "grid", grid)        # holds the base: kept out of state_dict
 
     def test_step(self, batch, batch_idx):
@@ -179,6 +192,17 @@ class EvaluationModule(L.LightningModule):
         runs over them point by point at the epoch's end (a point is what resumes)."""
         cond, index = batch
         self.batches.append((cond, self.evaluation.seed + int(index[0])))
+
+    def autocast(self):
+        """The autocast each step's networks run in (the sampler and the metrics stay outside).
+        The grid runs at the epoch's end, outside the context Lightning puts around test_step,
+        so it is entered per step: the trainer's (its precision plugin's forward context) unless
+        evaluation.precision says otherwise."""
+        p = self.evaluation.precision
+        if p is None:
+            return self.trainer.precision_plugin.forward_context()
+        dtype = AUTOCAST[p]
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def on_test_epoch_end(self) -> None:
         grid, results = self.grid, self.results

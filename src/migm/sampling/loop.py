@@ -8,7 +8,8 @@ how f_i is obtained, so speed and quality comparisons run on exactly the same co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -168,11 +169,15 @@ def revealable(masked: torch.Tensor, eligible: torch.Tensor | None, n_masked: in
 @torch.no_grad()
 def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
              schedule: str = "arccos", sampler: SamplerConfig | None = None, seed: int = 0,
-             observers: Sequence[Observer] = ()) -> GenerationResult:
+             observers: Sequence[Observer] = (),
+             autocast: Callable[[], AbstractContextManager] = nullcontext) -> GenerationResult:
     """Generate token grids for conditions `cond` (B,) in `steps` steps.
 
     Deterministic given `seed`: all randomness comes from one generator, consumed identically by
     every source, so two methods run with one seed differ only through their features.
+    `autocast` () -> a context the networks' work of each step runs in (the features, the head,
+    the guidance mix), as a reference's torch.autocast wraps its forward; the sampler stays
+    outside it, in its own `logits_dtype`.
     """
     sampler = sampler or SamplerConfig()
     sampler.check_steps(steps)
@@ -201,17 +206,18 @@ def generate(model, source: FeatureSource, cond: torch.Tensor, steps: int, *,
                           tokens=stack(tokens), cond=stacked_cond, prev_features=features,
                           revealed=None if revealed is None else stack(revealed),
                           schedule=plan, branches=sampler.branches, seed=seed)
-        out = source.step(ctx)
-        features = out.features                                             # (branches*B, L, D)
+        with autocast():
+            out = source.step(ctx)
+            features = out.features                                         # (branches*B, L, D)
+            # the M positions this step may fill (every masked one unless the source narrows them)
+            masked_pos = revealable(tokens == mask_id, out.eligible, plan[i - 1],
+                                    plan[i - 1] - plan[i])                              # (B, M)
+            positions = stack(masked_pos)                               # (branches*B, M)
+            index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
+            scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
+            weight = sampler.guidance_weight(i, steps)  # w, or the reference's ramp w (i-1)/(N-1)
+            logits = guide(scored, weight, sampler.branches)                       # (B, M, K)
         tally.add(out)
-        # the M positions this step may fill (every masked one unless the source narrows them)
-        masked_pos = revealable(tokens == mask_id, out.eligible, plan[i - 1],
-                                plan[i - 1] - plan[i])                                  # (B, M)
-        positions = stack(masked_pos)                                   # (branches*B, M)
-        index = positions.unsqueeze(-1).expand(-1, -1, features.shape[-1])
-        scored = model.head(features.gather(1, index), positions=positions)  # (branches*B, M, K)
-        weight = sampler.guidance_weight(i, steps)      # w, or the reference's ramp w (i-1)/(N-1)
-        logits = guide(scored, weight, sampler.branches)                           # (B, M, K)
         logits = logits / skipped_step_temperature(out, source.skipped_temperature(i))
         drawn, keep = sample_step(logits, counts[i - 1] - counts[i], ctx.t, sampler, generator,
                                   step=i, steps=steps)

@@ -47,7 +47,7 @@ import torch
 
 CFG_SCHEDULES = ("constant", "linear")
 CHOICE_SCHEDULES = ("linear", "linear_to_zero", "constant")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -68,12 +68,14 @@ class SamplerConfig:
     """dtype the Gumbel noise is drawn and computed in. "bfloat16": as Lumina-DiMOO draws it
     (torch.rand in bf16, -log(-log(u + 1e-20) + 1e-20) in bf16), which caps the noise at 5.53125
     and quantises it; "float32" (ours, MaskGIT's up to its fp64 draw) reaches 16.6."""
-    logits_dtype: Literal["float32", "bfloat16"] = "float32"
+    logits_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the sampler's arithmetic: the guided logits are cast to it before the scaling, the
     noised argmax and the confidence (Lumina-DiMOO: bf16, its logits' dtype); in bf16 the
     confidence is the reference's log(softmax[drawn].clamp_min(1e-20)), in fp32 log_softmax (the
     same up to rounding). The guidance mix before it is the loop's, in fp32 of the base's logits
-    (bf16-exact for DiMOO), rounded once here where the reference rounds each product."""
+    (bf16-exact for DiMOO), rounded once here where the reference rounds each product.
+    "float16": MaskGIT's, whose softmax runs on the fp16 logits of its autocast forward (there the
+    confidence is log(softmax[drawn]), -inf where fp16 underflows, as in the reference)."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:                     # NaN fails this too
@@ -93,9 +95,9 @@ class SamplerConfig:
         if not isinstance(self.tempered_confidence, bool):
             raise ValueError(f"sampler.tempered_confidence: must be true or false, got "
                              f"{self.tempered_confidence!r}")
-        for name in ("noise_dtype", "logits_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {list(DTYPES)}, got {getattr(self, name)!r}")
+        for name, allowed in (("noise_dtype", ("float32", "bfloat16")), ("logits_dtype", tuple(DTYPES))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"sampler.{name}: one of {list(allowed)}, got {getattr(self, name)!r}")
 
     @property
     def branches(self) -> int:
