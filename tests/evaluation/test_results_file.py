@@ -85,3 +85,18 @@ def test_completing_replaces_quality_rows_by_timed_ones_in_grid_order(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / RESULTS).read_text().splitlines()]
     assert [(r["label"], r["latency_ms_per_image"]) for r in lines] == [("N2", 1.0), ("N4", 2.0)]
     results.close()
+
+
+def test_a_setting_added_since_at_null_keeps_the_rows_and_restamps_them(tmp_path):
+    results = ResultsFile(tmp_path, CONFIG_A)
+    results.add(0, row("N2", 10.0), None)
+    results.close()
+    grown = {**CONFIG_A, "evaluation": {**CONFIG_A["evaluation"], "precision": None}}
+    again = ResultsFile(tmp_path, grown)
+    assert again.finished("vanilla N2")["fid"] == 10.0
+    again.add(1, row("N4", 5.0), None)
+    hashes = {json.loads(line)["config_hash"] for line in (tmp_path / RESULTS).read_text().splitlines()}
+    assert hashes == {again.hash} != {config_hash(flatten(plain(CONFIG_A)))}
+    again.close()
+    with pytest.raises(ValueError, match="evaluation.precision: null there, \"16-mixed\" now"):
+        ResultsFile(tmp_path, {**CONFIG_A, "evaluation": {**CONFIG_A["evaluation"], "precision": "16-mixed"}})

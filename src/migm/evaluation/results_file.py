@@ -97,8 +97,10 @@ class ResultsFile:
         path = self.dir / RESULTS
         if not path.exists():
             return {}
-        stored = self._stored_config(path)
-        if stored != self.config:
+        stored, stored_hash = self._stored_config(path)
+        # a setting migm gained since those rows were written, left at null, changes nothing
+        now = {k: v for k, v in self.config.items() if k in stored or v is not None}
+        if stored != now:
             raise ValueError(f"{path} holds rows of another config ({self._differences(stored)}); "
                              "rerun with that config to resume it, or pass --evaluation.resume false "
                              "to redo it here, or choose another --evaluation.out_dir")
@@ -111,21 +113,23 @@ class ResultsFile:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {n}: not a JSON row ({err.msg}); pass "
                                  "--evaluation.resume false to redo the evaluation") from None
-            if row.get("config_hash") == self.hash and "method" in row:
-                rows[point_key(row["method"], row["label"])] = row
+            if row.get("config_hash") in (self.hash, stored_hash) and "method" in row:
+                rows[point_key(row["method"], row["label"])] = {**row, "config_hash": self.hash}
         return rows
 
-    def _stored_config(self, results: Path) -> dict[str, Any]:
+    def _stored_config(self, results: Path) -> tuple[dict[str, Any], str | None]:
         path = self.dir / CONFIG
         try:
-            return json.loads(path.read_text())["config"]
+            stored = json.loads(path.read_text())
+            return stored["config"], stored.get("config_hash")
         except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(f"{results} exists but {path} does not say which config wrote it; pass "
                              "--evaluation.resume false to redo it here, or choose another "
                              "--evaluation.out_dir") from None
 
     def _differences(self, stored: dict[str, Any], most: int = 4) -> str:
-        keys = sorted(k for k in stored.keys() | self.config.keys() if stored.get(k) != self.config.get(k))
+        keys = sorted(k for k in stored.keys() | self.config.keys()
+                      if stored.get(k) != self.config.get(k) and (k in stored or self.config[k] is not None))
         said = [f"{k}: {json.dumps(stored.get(k))} there, {json.dumps(self.config.get(k))} now" for k in keys[:most]]
         return "; ".join(said) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
 
