@@ -177,6 +177,7 @@ class EvaluationGrid(nn.Module):
         and the counters of its steps."""
         c = self.config
         return {"method": point.name, "label": point.label, "steps": point.steps,
+                "weights": getattr(self.model, "weights", "trained"),   # random: speed/memory only
                 "budget": dict(point.knobs).get("budgets", point.steps),
                 **self.metrics[self.points.index(point)].compute(),
                 **self.calls.get(point, {}),   # every counter the method's steps reported (loop.Counts)

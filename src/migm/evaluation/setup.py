@@ -126,6 +126,23 @@ class MetricsConfig:
                              f"only and the {base_kind} base has none: set metrics.classifier: null")
 
 
+def check_weights(config: MetricsConfig, model) -> None:
+    """Refuse every quality metric on a base with random weights (models/random_weights.py):
+    its samples are noise by construction, so such a number would only look like a result.
+    Speed and memory are what a random base measures."""
+    if getattr(model, "weights", None) != "random":
+        return
+    asked = [("metrics.fid", config.fid != "none", "FID"),
+             ("metrics.classifier", bool(config.classifier), "class accuracy"),
+             ("metrics.clip_path", bool(config.clip_path), "CLIPScore"),
+             ("metrics.image_reward_path", bool(config.image_reward_path), "ImageReward")]
+    for field_name, on, what in asked:
+        if on:
+            raise ValueError(f"{field_name}: {what} on a base with random weights (model.base: random) "
+                             "measures nothing; random weights are for speed and memory only: set "
+                             "metrics.fid: none, classifier, clip_path and image_reward_path: null")
+
+
 def build_metrics(config: MetricsConfig | dict | None = None, model=None, base_kind: str = "tiny",
                   device: torch.device | str = "cpu") -> QualityMetrics:
     """The evaluator `config` describes for `model` (conditions 0..model.num_classes - 1); a dict
@@ -133,6 +150,7 @@ def build_metrics(config: MetricsConfig | dict | None = None, model=None, base_k
     from migm.evaluation.features import ClassifierFeatures, InceptionFeatures, load_classifier
 
     config = MetricsConfig(**config) if isinstance(config, dict) else (config or MetricsConfig())
+    check_weights(config, model)        # first: on random weights no quality metric is the question
     config.check_base(base_kind)
     classifier = load_classifier(config.classifier) if config.classifier else None
     feature, reference = None, None

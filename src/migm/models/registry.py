@@ -12,6 +12,7 @@ from migm.files import CheckpointError
 from migm.models.checkpoints import HOW_TO_GET, BaseKind, check_files
 from migm.models.dimoo import DiMOOConfig, DiMOOMIGM
 from migm.models.maskgit import MaskGITConfig, MaskGITMIGM
+from migm.models.random_weights import random_base, random_seed
 from migm.models.tiny import TinyMIGM
 
 __all__ = ["BaseKind", "check_files", "load_base", "load_spec"]
@@ -24,8 +25,13 @@ def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=No
     maskgit: a MaskGITConfig, None meaning the released ImageNet-512 model; dimoo: a DiMOOConfig,
     None meaning the checkpoint's config.json. dimoo: `base` is the checkpoint directory,
     `tokenizer` its VQ folder ("" for base/vqvae), and `options` go to DiMOOMIGM.from_checkpoint
-    (prompts, dtype, device).
+    (prompts, dtype, device). `base: random` or `random:SEED` builds the architecture `config`
+    names with seeded random weights instead (models/random_weights.py; `tokenizer` unused): for
+    speed and memory only.
     """
+    seed = random_seed(base) if kind != "tiny" else None
+    if seed is not None:
+        return random_base(kind, config, seed, **_random_options(kind, options))
     if kind in ("tiny", "maskgit") and options:       # never silently dropped (a prompt file)
         raise ValueError(f"base_kind {kind}: {', '.join(sorted(options))} apply to a text-to-image "
                          "base only (dimoo); class ids need no prompt file")
@@ -43,6 +49,20 @@ def load_base(kind: BaseKind, base: str | Path, tokenizer: str | Path, config=No
             config = DiMOOConfig(**config)
         return DiMOOMIGM.from_checkpoint(base, tokenizer or None, config, **options)
     raise ValueError(f"unknown base_kind {kind!r}: expected one of tiny, maskgit, dimoo")
+
+
+def _random_options(kind: str, options: dict) -> dict:
+    """A random DiMOO has as many conditions as the prompt file has prompts (their text needs
+    the released tokenizer, so each is a fixed run of random text ids); dtype/device pass on."""
+    options = dict(options)
+    prompts = options.pop("prompts", None)
+    if kind == "dimoo" and prompts is not None:
+        if isinstance(prompts, (str, Path)) and Path(prompts).is_file():
+            from migm.models.prompts import read_prompt_file
+            options["prompts"] = len(read_prompt_file(prompts).prompts)
+        elif not isinstance(prompts, (str, Path)):
+            options["prompts"] = len(prompts)
+    return options
 
 
 def load_spec(spec: dict):
