@@ -17,9 +17,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from migm.files import read_yaml
+from migm.run import enable_method_classes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -33,6 +35,7 @@ VERBS = {
     "evaluate": "score vanilla generation at several step counts (no shortcut)",
     "generate": "write a PNG grid of vanilla samples",
     "bench": "per-call costs, end-to-end speedup and data rates, to a JSON file",
+    "speed": "latency, speedup and memory of a study's grid at the real base size (random weights)",
     "export": "turn a training checkpoint into a small shipped asset",
     "curves": "plot a shortcut run's per-step held-out error",
 }
@@ -60,7 +63,7 @@ def default_config(name: str) -> Path:
 def _project_commands() -> dict:
     from migm import commands
     return {"export": commands.export, "generate": commands.generate, "evaluate": commands.evaluate,
-            "bench": commands.bench, "curves": commands.curves}
+            "bench": commands.bench, "speed": commands.speed, "curves": commands.curves}
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -104,22 +107,6 @@ def config_files(argv: list[str]) -> list[Path]:
     """The --config files of a command line, in order."""
     configs = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
     return [Path(c) for c in configs + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]]
-
-
-def read_yaml(path: Path):
-    """A config file's YAML, or one line naming the file, line and problem (jsonargparse would
-    say `"<unicode string>", line 2`, naming no file). A missing file is left to jsonargparse."""
-    if not path.is_file():
-        return None
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file (a config is YAML text)") from None
 
 
 class LoggedConfig(SaveConfigCallback):
@@ -247,17 +234,6 @@ def base_fields(model) -> dict:
         raise ValueError(f"test: model {type(model).__name__} names no base MIGM; use a shortcut "
                          "config (ShortcutModule) or migm.evaluation.module.EvaluationModule")
     return {**spec, "network": getattr(model, "network_config", None)}
-
-
-def enable_method_classes() -> None:
-    """Let YAML choose acceleration methods (`evaluation.methods`) and shortcut architectures
-    (`network`) by class_path: jsonargparse treats dataclasses as fixed groups unless their
-    subclasses are enabled."""
-    from jsonargparse import set_parsing_settings
-
-    from migm.accel.method import Method
-    from migm.shortcut.network import NetworkConfig
-    set_parsing_settings(subclasses_enabled=[Method, NetworkConfig])
 
 
 _LAST_CLI = None            # the last LightningCLI built, so `cli` can read what a stopped run saved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -240,3 +241,122 @@ def _data_bench(source: Path, work: Path, base: str, tokenizer: str) -> list[dic
                      "loader_samples_per_s_0_workers": loader_rate([d], num_workers=0),
                      "loader_samples_per_s_2_workers": loader_rate([d], num_workers=2)})
     return rows
+
+
+def speed(study: str | None = None, overrides: list[str] = [], batch: int | None = None, depths: list[int] = [1, 2],
+          whole: list[str] = [], points: list[str] | None = None, rounds: int = 3, warmup: int = 1,
+          base_config: dict | None = None, network: dict | None = None, device: str = "cpu",
+          precision: Literal["16-mixed", "bf16-mixed", "32-true"] | None = None, seed: int = 0,
+          out: Path = Path("runs/speed/speed.jsonl")) -> list[dict]:
+    """Latency, speedup and memory of every grid point of a study config at its base's real size,
+    random weights (speed and memory do not depend on them), composed from two shallow copies of
+    the base (evaluation/speed.py): one row per point to `out` (JSON lines).
+
+    Args:
+        study: the study's config, as `test` takes it (configs/maskgit.yaml): its model section
+            names the base and the shortcut network, its evaluation section the grid, schedule,
+            sampler, reference steps and latency batch.
+        overrides: config files merged over it in order, as `test --config A --config B` does.
+        batch: images per generation call (default: the config's evaluation.latency_batch).
+        depths: the two depths d1 < d2 of the base every point runs at.
+        whole: points ("vanilla N8", "shortcut N15/B7") also run at the full depth, so their
+            rows say how far the composition is from the measurement.
+        points: run only these points (and the reference vanilla); default every point.
+        rounds: timed rounds (every point and depth once per round).
+        warmup: untimed calls of each before the rounds.
+        base_config: fields of the base's config to override (a smaller grid, fewer heads).
+        network: fields of the shortcut network's config to override (its init_args).
+        device: cpu or cuda.
+        precision: the autocast generation runs under (default: the config's on cuda, none on cpu).
+        seed: the random weights' seed and the generation's.
+        out: where the rows go (replaced atomically); a PNG of latency by point beside it.
+    """
+    import json
+
+    from migm.evaluation.speed import SpeedStudy, build_models, random_shortcut
+
+    if not study:
+        raise ValueError("speed: give the study's config, e.g. --study configs/maskgit.yaml")
+    configs = [study, *overrides]
+    sections = study_sections(configs, network)
+    spec, grid = sections["model"], sections["evaluation"]
+    kind = spec.get("base_kind", "tiny")
+    if kind not in ("maskgit", "dimoo"):
+        raise ValueError(f"speed: {configs[0]} has base_kind {kind!r}; real sizes exist for the "
+                         "maskgit and dimoo bases (the embedded default is timed by `test` itself)")
+    config = _base_config(kind, {**(spec.get("base_config") or {}), **(base_config or {})})
+    precision = precision or (sections["precision"] if device.startswith("cuda") else None)
+    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision or "")
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if dtype else nullcontext
+    options = {"device": device} | ({"dtype": torch.float32} if kind == "dimoo" and dtype is None else {})
+    models = build_models(kind, config, tuple(depths), whole=bool(whole), seed=seed, **options)
+    any_model = models.models[depths[0]]
+    shortcut = None
+    if any(m.needs_shortcut for m in grid.methods):
+        shortcut = random_shortcut(sections["network"], seed, device)
+    study = SpeedStudy(models, shortcut, grid, batch or grid.latency_batch, whole=whole,
+                       rounds=rounds, warmup=warmup, seed=seed, autocast=autocast, only=points)
+    print(f"speed: {kind} at depth {models.depth} composed from depths {depths[0]},{depths[1]}, "
+          f"{any_model.num_tokens} tokens, batch {study.batch}, {len(study.points)} points, "
+          f"{rounds} rounds on {device}")
+    rows = study.rows(study.measure(progress=_progress("timing")))
+    rows = [{**r, "precision": precision or "32-true", "config": [str(c) for c in configs]} for r in rows]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write_bytes(Path(out), lambda tmp: tmp.write_text(text))
+    for r in rows:
+        check = (f", composed/measured {r['composed_over_measured']:.3f}"
+                 if "composed_over_measured" in r else "")
+        print(f"  {r['method']} {r['label']}: {r['latency_ms_per_image']:.0f} ms/image, speedup "
+              f"{r['speedup']:.2f}x (ideal {r['ideal_speedup']:.2f}x){check}")
+    print(f"wrote {out}")
+    return rows
+
+
+def study_sections(configs: list[str], network: dict | None = None) -> dict:
+    """The model spec, the grid (an EvaluationConfig), the shortcut network config (`network`:
+    init_args to override) and the generation precision of a study's config files, merged in
+    order as `test` merges them."""
+    from jsonargparse import ArgumentParser
+
+    from migm.files import read_yaml
+    from migm.run import enable_method_classes
+    from migm.evaluation.module import EvaluationConfig
+    from migm.shortcut.network import NetworkConfig, ShortcutConfig
+
+    merged: dict = {}
+    for path in configs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"speed: config {path} not found")
+        merged = _merge(merged, read_yaml(Path(path)) or {})
+    if network:
+        merged = _merge(merged, {"model": {"init_args": {"network": {"init_args": network}}}})
+    model = (merged.get("model") or {}).get("init_args") or {}
+    enable_method_classes()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(EvaluationConfig, "evaluation", fail_untyped=False)
+    parser.add_argument("--network", type=NetworkConfig | None, default=None)
+    parsed = parser.parse_object({"evaluation": merged.get("evaluation") or {},
+                                  "network": model.get("network")})
+    init = parser.instantiate_classes(parsed)
+    precision = init.evaluation.precision or (merged.get("trainer") or {}).get("precision")
+    return {"model": model, "evaluation": init.evaluation, "network": init.network or ShortcutConfig(),
+            "precision": precision}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """b over a, dicts merged key by key (as jsonargparse merges a second --config)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _base_config(kind: str, fields_: dict):
+    from migm.models.random_weights import config_from
+    from migm.models.registry import DiMOOConfig, MaskGITConfig
+    return config_from(MaskGITConfig if kind == "maskgit" else DiMOOConfig, fields_)
+
+
+def _progress(desc: str):
+    from tqdm.auto import tqdm
+    return lambda it: tqdm(it, desc=desc, unit="call", leave=False)

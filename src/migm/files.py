@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ORPHAN_AGE_S = 24 * 3600        # another host's temporary older than this is an orphan
 # A write that failed without an errno (torch.save's C++ stream) is put down to a full disk when
@@ -233,3 +234,19 @@ class DirectoryLock:
         if self._file is not None:
             self._file.close()              # closing drops the flock; the file may stay
             self._file = None
+
+
+def read_yaml(path: Path):
+    """A config file's YAML, or one line naming the file, line and problem (jsonargparse would
+    say `"<unicode string>", line 2`, naming no file). A missing file is left to jsonargparse."""
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (a config is YAML text)") from None

@@ -245,3 +245,14 @@ def default_wandb_mode() -> None:
     logged_in = "WANDB_API_KEY" in os.environ or (netrc.exists() and "wandb" in netrc.read_text())
     if not logged_in:
         os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def enable_method_classes() -> None:
+    """Let YAML choose acceleration methods (`evaluation.methods`) and shortcut architectures
+    (`network`) by class_path: jsonargparse treats dataclasses as fixed groups unless their
+    subclasses are enabled."""
+    from jsonargparse import set_parsing_settings
+
+    from migm.accel.method import Method
+    from migm.shortcut.network import NetworkConfig
+    set_parsing_settings(subclasses_enabled=[Method, NetworkConfig])

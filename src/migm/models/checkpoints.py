@@ -30,12 +30,28 @@ DIMOO_FILES = ("config.json", "model.safetensors.index.json", "tokenizer_config.
 DIMOO_VQ_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
+RANDOM = "random"          # model.base: random weights at the config's architecture
+
+
+def random_seed(base: str | None) -> int | None:
+    """`random` -> 0, `random:7` -> 7, anything else (a path) -> None."""
+    text = str(base or "")
+    if text == RANDOM:
+        return 0
+    if text.startswith(RANDOM + ":"):
+        seed = text[len(RANDOM) + 1:]
+        if not seed.isdigit():
+            raise ValueError(f"model.base: {text!r}: random weights are `random` or `random:SEED` "
+                             "with an integer seed")
+        return int(seed)
+    return None
+
+
 def check_files(kind: BaseKind, base: str | Path, tokenizer: str | Path = "",
                 prompts: str | Path | None = None) -> None:
     """Raise one CheckpointError naming every file a real base needs that is not on disk (and
     what a DiMOO directory must hold), reading none: the modules call it when they are built, so
     a command stops at once, before a trainer, a GPU or a DDP launch is set up."""
-    from migm.models.random_weights import random_seed
     problems = []
     if kind != "tiny" and random_seed(base) is not None:    # random weights: no file is read
         return

@@ -23,7 +23,8 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-RANDOM = "random"
+from migm.models.checkpoints import RANDOM
+
 
 # aMUSEd's VQ-GAN as a diffusers VQModel config (the shape Lumina-DiMOO's vqvae/config.json has)
 AMUSED_VQ = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 5,
@@ -32,20 +33,6 @@ AMUSED_VQ = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEnco
              "num_vq_embeddings": 8192, "norm_num_groups": 32, "vq_embed_dim": None,
              "scaling_factor": 0.18215, "norm_type": "group", "mid_block_add_attention": False,
              "lookup_from_codebook": True, "force_upcast": False}
-
-
-def random_seed(base: str | None) -> int | None:
-    """`random` -> 0, `random:7` -> 7, anything else (a path) -> None."""
-    text = str(base or "")
-    if text == RANDOM:
-        return 0
-    if text.startswith(RANDOM + ":"):
-        seed = text[len(RANDOM) + 1:]
-        if not seed.isdigit():
-            raise ValueError(f"model.base: {text!r}: random weights are `random` or `random:SEED` "
-                             "with an integer seed")
-        return int(seed)
-    return None
 
 
 @torch.no_grad()
@@ -79,7 +66,7 @@ def random_maskgit(config=None, seed: int = 0, dtype: torch.dtype = torch.float3
     """MaskGIT (MaskGITConfig(); grid_size 16 is the ImageNet-256 model) with random weights."""
     from migm.models.maskgit import MaskGITConfig, MaskGITMIGM, MaskGITTransformer, VQGANDecoder
 
-    config = _config(MaskGITConfig, config)
+    config = config_from(MaskGITConfig, config)
     model = MaskGITMIGM(_materialise(lambda: MaskGITTransformer(config), seed, dtype, device),
                         _materialise(lambda: VQGANDecoder(config), seed + 1, torch.float32, device))
     model.weights = RANDOM
@@ -97,7 +84,7 @@ def random_dimoo(config=None, seed: int = 0, dtype: torch.dtype = torch.bfloat16
     from migm.models.dimoo import DiMOOMIGM
     from migm.models.llada import LLaDA, DiMOOConfig
 
-    config = _config(DiMOOConfig, config)
+    config = config_from(DiMOOConfig, config)
     llm = _materialise(lambda: LLaDA(config), seed, dtype, device)
     vq = vq or {**AMUSED_VQ, "num_vq_embeddings": config.codebook_size}    # a smaller K: fewer codes
     vq_model = _materialise(lambda: VQModel(**vq), seed + 1, torch.float32, device)
@@ -125,7 +112,9 @@ def random_base(kind: str, config=None, seed: int = 0, **options):
     raise ValueError(f"model.base: random weights exist for the maskgit and dimoo bases, not {kind!r}")
 
 
-def _config(cls, config):
+def config_from(cls, config):
+    """`config` as a `cls` (MaskGITConfig, DiMOOConfig): itself, a dict of its fields (an
+    unknown one named as model.base_config's), or None for the reference's."""
     if config is None:
         return cls()
     if isinstance(config, dict):

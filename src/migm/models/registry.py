@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from migm.files import CheckpointError
-from migm.models.checkpoints import HOW_TO_GET, BaseKind, check_files
+from migm.models.checkpoints import HOW_TO_GET, BaseKind, check_files, random_seed
 from migm.models.dimoo import DiMOOConfig, DiMOOMIGM
 from migm.models.maskgit import MaskGITConfig, MaskGITMIGM
-from migm.models.random_weights import random_base, random_seed
+from migm.models.random_weights import random_base
 from migm.models.tiny import TinyMIGM
 
 __all__ = ["BaseKind", "check_files", "load_base", "load_spec"]

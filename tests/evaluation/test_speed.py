@@ -1,0 +1,134 @@
+"""Latency at the real depth composed from two shallow copies of the base (evaluation/speed.py):
+exact where every layer costs the same (a fake clock that only layers, embeddings, the shortcut
+and the decoder advance), and the `speed` command through the shipped Table 1 and 2 configs."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from migm.accel.method import Vanilla
+from migm.accel.shortcut import Shortcut
+from migm.cli import REPO_ROOT, main
+from migm.evaluation import latency, speed
+from migm.evaluation.grid import GridConfig
+from migm.evaluation.speed import SpeedStudy, build_models, random_shortcut
+from migm.models.maskgit import MaskGITConfig
+from migm.shortcut.maskgit_official import MaskGITShortcutConfig
+from small_bases import DIMOO_64, MASKGIT_64
+
+LAYER_MS, EMBED_MS, SHORTCUT_MS, DECODE_MS = 10.0, 3.0, 2.0, 50.0
+
+
+class Clock:
+    """time.perf_counter for speed.py and latency.py: seconds advanced only by `spend`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, ms: float):
+        def hook(*_):
+            self.now += ms / 1000
+        return hook
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    c = Clock()
+    for module in (speed, latency):
+        monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=c))
+    return c
+
+
+def test_composed_latency_is_the_whole_runs_where_layers_cost_the_same(clock):
+    """Every block costs LAYER_MS, each embedding EMBED_MS, a shortcut call SHORTCUT_MS, a decode
+    DECODE_MS: composed from depths 1 and 2, depth 4 is what running depth 4 measures, and each
+    number is the plan's arithmetic."""
+    config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
+    models = build_models("maskgit", config, (1, 2), whole=True)
+    for model in models.models.values():
+        for block in model.transformer.blocks:
+            block.register_forward_hook(clock.spend(LAYER_MS))
+        model.transformer.tok_emb.register_forward_hook(clock.spend(EMBED_MS))
+        model.vqgan.register_forward_hook(clock.spend(DECODE_MS))
+    network = MaskGITShortcutConfig(feature_dim=32, vocab_size=16, num_tokens=64, heads=4)
+    shortcut = random_shortcut(network)
+    shortcut.register_forward_hook(clock.spend(SHORTCUT_MS))
+    grid = GridConfig(methods=[Vanilla(steps=[8, 15]), Shortcut(steps=[15], budgets=[7], plan="official")],
+                      reference_steps=15)
+    batch = 2
+    study = SpeedStudy(models, shortcut, grid, batch, whole=["vanilla N8", "shortcut N15/B7"], rounds=2)
+    rows = {r["label"]: r for r in study.rows(study.measure())}
+
+    full = 4 * LAYER_MS + EMBED_MS                       # one base call at depth 4
+    v8, v15 = 8 * full + DECODE_MS, 15 * full + DECODE_MS
+    s = rows["N15/B7"]
+    assert (s["base_calls"], s["shortcut_calls"]) == (7, 8)
+    short = 7 * full + 8 * SHORTCUT_MS + DECODE_MS
+    assert rows["N8"]["latency_ms_per_image"] == pytest.approx(v8 / batch)
+    assert rows["N15"]["latency_ms_per_image"] == pytest.approx(v15 / batch)
+    assert s["latency_ms_per_image"] == pytest.approx(short / batch)
+    assert s["speedup"] == pytest.approx(v15 / short) and rows["N8"]["speedup"] == pytest.approx(v15 / v8)
+    for row in (rows["N8"], s):
+        assert row["composed_over_measured"] == pytest.approx(1.0) and row["within_5pct"]
+    assert s["base_call_ms"] == pytest.approx(4 * LAYER_MS)
+    assert s["fixed_step_ms"] == pytest.approx(EMBED_MS)
+    assert s["shortcut_call_ms"] == pytest.approx(SHORTCUT_MS - EMBED_MS)   # a step less the fixed
+    assert s["step_ms"] == pytest.approx({"full": full, "shortcut_calls": SHORTCUT_MS})
+    assert s["step_counts"] == {"full": 7, "shortcut_calls": 8}
+    # ideal: only model calls cost time, the reference's base call for every full step
+    assert s["ideal_speedup"] == pytest.approx(15 * 40 / (7 * 40 + 8 * (SHORTCUT_MS - EMBED_MS)))
+    assert s["composed_from"] == "depths 1,2" and s["depth"] == 4 and s["weights"] == "random"
+    # weights grow one layer at a time: depth 4's are depth 1's plus three layers
+    w = {d: speed.weights_mib(m) for d, m in models.models.items()}
+    assert models.weights_mib[4] == pytest.approx(w[4]) == pytest.approx(w[1] + 3 * (w[2] - w[1]))
+
+
+def test_a_depth_outside_the_base_or_an_unknown_point_is_named():
+    config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
+    with pytest.raises(ValueError, match=r"speed.depths: .* <= 4"):
+        build_models("maskgit", config, (2, 5), whole=False)
+    models = build_models("maskgit", config, (1, 2), whole=False)
+    grid = GridConfig(methods=[Vanilla(steps=[8])], reference_steps=8)
+    with pytest.raises(ValueError, match="speed.whole: 'vanilla N9' is not a point"):
+        SpeedStudy(models, None, grid, 1, whole=["vanilla N9"])
+    with pytest.raises(ValueError, match="speed.points: 'shortcut N8/B2' is not a point"):
+        SpeedStudy(models, None, grid, 1, only=["shortcut N8/B2"])
+
+
+@pytest.mark.parametrize("study, base_config, network", [
+    ("maskgit.yaml", MASKGIT_64, {"feature_dim": 32, "vocab_size": 16, "num_tokens": 64, "heads": 4}),
+    ("dimoo.yaml", DIMOO_64, {"feature_dim": 32, "vocab_size": 16, "num_tokens": 64, "heads": 4}),
+])
+def test_speed_runs_every_point_of_the_shipped_study(tmp_path, study, base_config, network):
+    """`migm speed --study configs/<table>.yaml`, sizes overridden: a row per grid point, random
+    weights, composed from two depths, the whole run of one point beside its composition."""
+    out = tmp_path / "speed.jsonl"
+    main(["speed", "--study", str(REPO_ROOT / "configs" / study), "--base_config", json.dumps(base_config),
+          "--network", json.dumps(network), "--batch", "1", "--rounds", "1", "--warmup", "0",
+          "--whole", "[vanilla N13]", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    from migm.commands import study_sections
+    grid = study_sections([str(REPO_ROOT / "configs" / study)])["evaluation"]
+    assert [(r["method"], r["label"]) for r in rows] == [(p.name, p.label) for p in grid.points()]
+    for r in rows:
+        assert r["weights"] == "random" and r["composed_from"] == "depths 1,2"
+        assert r["depth"] == base_config.get("depth", base_config.get("n_layers"))
+        assert sum(r["step_counts"].values()) == r["steps"]
+        assert r["reference_steps"] == grid.reference_steps
+    (whole,) = [r for r in rows if "measured_latency_ms_per_image" in r]
+    assert whole["label"] == "N13" and whole["composed_over_measured"] > 0
+    if study == "dimoo.yaml":                 # every baseline's cached step is a kind of its own
+        kinds = set().union(*(r["step_counts"] for r in rows))
+        assert {"full", "shortcut_calls", "partial_steps", "local_steps", "forecasts"} <= kinds
+
+
+def test_speed_refuses_the_embedded_default(tmp_path):
+    with pytest.raises(ValueError, match="speed: .*tiny.yaml has base_kind 'tiny'"):
+        main(["speed", "--study", str(REPO_ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "x")])
