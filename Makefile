@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
+.PHONY: setup data test test-all demo bench speed-table1 speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -71,6 +71,21 @@ shortcut: collect fit
 # data numbers (collection rate, bytes per trajectory, loader samples/s) if `make collect` ran.
 bench: setup
 	$(PY) -m migm bench --out $(RUNS)/bench/bench.json
+
+# The speed columns of Tables 1 and 2 at the real sizes, random weights (docs/real_sizes.md).
+# On this CPU: MaskGIT-512 composed from depths 1 and 4, two points also run whole at batch 1.
+speed-table1: setup
+	$(PY) -m migm speed --study configs/maskgit.yaml --batch 1 --depths "[1, 4]" --rounds 3 \
+	  --whole "[vanilla N8, shortcut N15/B7]" --out docs/real_sizes/table1_maskgit512_cpu.jsonl
+# Lumina-DiMOO-8B needs a GPU for its whole grid (one 8B step is minutes on this CPU).
+speed-table2: setup
+	$(PY) -m migm speed --study configs/dimoo.yaml --device cuda --rounds 2 \
+	  --whole "[vanilla N64, shortcut N64/B14]" --out docs/real_sizes/table2_dimoo8b_gpu.jsonl
+
+# Everything that has never run on CUDA, on one GPU (about 8 minutes on an H200; stops at once
+# with one line without a CUDA device): rows and a summary under docs/gpu/.
+gpu-check: setup
+	$(PY) -m migm.gpu_check --out docs/gpu
 
 # Rebuild the embedded default's base from scratch (tokenizer ~9 min, base ~110 min, classifier ~6 min).
 base: tokenizer base-model classifier

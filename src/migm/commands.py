@@ -259,8 +259,8 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
         overrides: config files merged over it in order, as `test --config A --config B` does.
         batch: images per generation call (default: the config's evaluation.latency_batch).
         depths: the two depths d1 < d2 of the base every point runs at.
-        whole: points ("vanilla N8", "shortcut N15/B7") also run at the full depth, so their
-            rows say how far the composition is from the measurement.
+        whole: points ("vanilla N8", "shortcut N15/B7"; [all]: every one) also run at the full
+            depth, so their rows say how far the composition is from the measurement.
         points: run only these points (and the reference vanilla); default every point.
         rounds: timed rounds (every point and depth once per round).
         warmup: untimed calls of each before the rounds.

@@ -173,6 +173,7 @@ class SpeedStudy:
         any_model = next(iter(models.models.values()))
         check_steps(self.points, any_model.num_tokens)
         labels = {f"{p.name} {p.label}" for p in self.points}
+        whole = sorted(labels) if list(whole) == ["all"] else whole
         if unknown := [w for w in whole if w not in labels]:     # (a point left out by `only` too)
             raise ValueError(f"speed.whole: {unknown[0]!r} is not a point of the grid; one of "
                              f"{sorted(labels)}")
