@@ -171,12 +171,23 @@ class Preemption(Callback):
     at the next batch and, left alone, the process exits 0, so a preempted study looked done.
     Here a stopped `fit` first writes a resumable checkpoint (`last.ckpt` in the checkpoint
     directory, atomically through the trainer's checkpoint IO), and `cli` turns the stop into one
-    line and a non-zero exit status. Ctrl-C (SIGINT) is handled alike."""
+    line and a non-zero exit status. Ctrl-C (SIGINT) is handled alike. A stopped `collect` keeps
+    its finished shards (written atomically) and resumes from them when run again. Lightning's
+    own SLURM requeue (SLURMEnvironment(auto_requeue=True), signal SIGUSR1) saves and requeues
+    by itself; the requeued job finds that checkpoint with no --ckpt_path."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self.saved: Path | None = None
         self.points: int = 0                # finished evaluation points kept in `saved` (test)
+        self.shards: bool = False           # `saved` is a collection's directory (collect)
+
+    def on_predict_batch_end(self, trainer, *args) -> None:
+        """Lightning's predict loop never looks at the SIGTERM it caught (its fit loop does),
+        so a signalled collect ran on to the end, or to the scheduler's SIGKILL: stop here, after
+        the writer has taken this batch."""
+        if trainer.received_sigterm:
+            raise SIGTERMException()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
@@ -185,6 +196,10 @@ class Preemption(Callback):
             self.signal = signal.SIGINT
         else:
             return
+        if trainer.state.fn == TrainerFn.PREDICTING:             # collect: the shards it finished
+            writer = next((cb for cb in trainer.callbacks if hasattr(cb, "batches_per_shard")), None)
+            if writer is not None:
+                self.saved, self.shards = Path(writer.out_dir), True
         results = getattr(pl_module, "results", None)          # test: evaluation/results_file.py
         if trainer.state.fn == TrainerFn.TESTING and results is not None and results.rows:
             self.saved, self.points = results.dir / "results.jsonl", len(results.rows)
@@ -203,6 +218,9 @@ class Preemption(Callback):
         if self.saved is None:
             return (f"stopped by {name}: nothing was finished or saved; run the same command again "
                     "to redo it")
+        if self.shards:
+            return (f"stopped by {name}: the finished shards are kept in {self.saved}; run the "
+                    "same command again to resume from them")
         if self.points:
             kept = f"{self.points} finished points are" if self.points > 1 else "1 finished point is"
             return (f"stopped by {name}: {kept} kept in {self.saved}; run the same command again to "

@@ -76,3 +76,30 @@ def test_sigterm_during_test_exits_nonzero_saying_nothing_was_finished(recorded,
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
     assert "error: stopped by SIGTERM: nothing was finished or saved" in err
     assert not (tmp_path / "run" / "eval" / "results.jsonl").exists()
+
+
+def test_sigterm_during_collect_keeps_its_shards_exits_143_and_the_rerun_completes(tmp_path):
+    """Lightning's predict loop ignores the SIGTERM it catches: collect must stop by itself."""
+    shards = tmp_path / "shards"
+    args = ["collect", "--config", str(REPO_ROOT / "configs/collect_tiny.yaml"), "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(tmp_path / "root"), "--trainer.callbacks.init_args.out_dir",
+            str(shards), "--trainer.callbacks.init_args.batches_per_shard", "1",
+            "--model.init_args.steps", "6", "--data.init_args.num_trajectories", "100",
+            "--data.init_args.batch_size", "5"]
+    proc = start(*args)
+    wait_for("shard-*.h5", shards, proc)                 # the collection is writing
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: stopped by SIGTERM: the finished shards are kept in {shards}; run the "
+                     "same command again to resume from them"], err[-2000:]
+    kept = sorted(shards.glob("shard-*.h5"))
+    assert 0 < len(kept) < 20 and not (shards / "manifest.json").exists()
+    # the same command resumes: the kept shards are not rewritten, the rest are
+    stamps = {p: p.stat().st_mtime_ns for p in kept}
+    done = subprocess.run([sys.executable, "-m", "migm", *args], cwd=REPO_ROOT, env=CLEAN_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in kept)
+    assert len(list(shards.glob("shard-*.h5"))) == 20 and (shards / "manifest.json").exists()
