@@ -269,11 +269,13 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
         device: cpu or cuda.
         precision: the autocast generation runs under (default: the config's on cuda, none on cpu).
         seed: the random weights' seed and the generation's.
-        out: where the rows go (replaced atomically); a PNG of latency by point beside it.
+        out: where the rows go (JSON lines, replaced atomically); beside it the same name as a
+            Markdown table (.md) and a picture of our speedups beside the paper's (.png).
     """
     import json
 
     from migm.evaluation.speed import SpeedStudy, build_models, random_shortcut
+    from migm.evaluation.speed_report import plot_speedups, speed_table
 
     if not study:
         raise ValueError("speed: give the study's config, e.g. --study configs/maskgit.yaml")
@@ -303,12 +305,16 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
     rows = [{**r, "precision": precision or "32-true", "config": [str(c) for c in configs]} for r in rows]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write_bytes(Path(out), lambda tmp: tmp.write_text(text))
+    table = speed_table(rows)
+    atomic_write_bytes(Path(out).with_suffix(".md"), lambda tmp: tmp.write_text(table))
+    plot_speedups(rows, Path(out).with_suffix(".png"))
     for r in rows:
         check = (f", composed/measured {r['composed_over_measured']:.3f}"
                  if "composed_over_measured" in r else "")
         print(f"  {r['method']} {r['label']}: {r['latency_ms_per_image']:.0f} ms/image, speedup "
               f"{r['speedup']:.2f}x (ideal {r['ideal_speedup']:.2f}x){check}")
-    print(f"wrote {out}")
+    print(f"wrote {out} and its table and picture ({Path(out).with_suffix('.md').name}, "
+          f"{Path(out).with_suffix('.png').name})")
     return rows
 
 

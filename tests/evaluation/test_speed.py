@@ -122,6 +122,9 @@ def test_speed_runs_every_point_of_the_shipped_study(tmp_path, study, base_confi
         assert r["depth"] == base_config.get("depth", base_config.get("n_layers"))
         assert sum(r["step_counts"].values()) == r["steps"]
         assert r["reference_steps"] == grid.reference_steps
+        assert r["ours_over_paper"] == pytest.approx(r["speedup"] / r["paper_speedup"])
+    assert out.with_suffix(".md").read_text().count("\n") == len(rows) + 2
+    assert out.with_suffix(".png").stat().st_size > 1000
     (whole,) = [r for r in rows if "measured_latency_ms_per_image" in r]
     assert whole["label"] == "N13" and whole["composed_over_measured"] > 0
     if study == "dimoo.yaml":                 # every baseline's cached step is a kind of its own
@@ -132,3 +135,19 @@ def test_speed_runs_every_point_of_the_shipped_study(tmp_path, study, base_confi
 def test_speed_refuses_the_embedded_default(tmp_path):
     with pytest.raises(ValueError, match="speed: .*tiny.yaml has base_kind 'tiny'"):
         main(["speed", "--study", str(REPO_ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "x")])
+
+
+def test_every_point_of_the_shipped_tables_stands_beside_the_papers_number():
+    """Table 1's and 2's speed columns as the paper prints them, for every point of the configs."""
+    from migm.commands import study_sections
+    from migm.evaluation.paper_tables import paper_row
+    expected = {("maskgit", "shortcut", "N32/B9"): 1.36, ("maskgit", "vanilla", "N8"): 1.92,
+                ("dimoo", "shortcut", "N64/B14"): 4.01, ("dimoo", "recap", "u0/T8/N32"): 4.26,
+                ("dimoo", "dllm_cache", "N64/Kp64/Kr16 rho0.25"): 1.62,
+                ("dimoo", "ml_cache", "N64/w0/r5/c0.9"): 2.54}
+    for (kind, method, label), speedup in expected.items():
+        assert paper_row(kind, method, label)["paper_speedup"] == speedup
+    for kind in ("maskgit", "dimoo"):
+        grid = study_sections([str(REPO_ROOT / "configs" / f"{kind}.yaml")])["evaluation"]
+        missing = [p.label for p in grid.points() if not paper_row(kind, p.name, p.label)]
+        assert not missing, (kind, missing)

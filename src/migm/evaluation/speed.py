@@ -33,7 +33,8 @@ import torch
 
 from migm.accel.method import GridPoint
 from migm.evaluation.grid import GridConfig, check_steps
-from migm.evaluation.latency import PeakMemory, interleaved_rounds
+from migm.evaluation.latency import interleaved_rounds
+from migm.evaluation.paper_tables import paper_row
 from migm.models.random_weights import fill_random, random_base
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput, generate
 
@@ -264,6 +265,9 @@ class SpeedStudy:
                 row["measured_latency_ms_per_image"] = statistics.median(whole) / self.batch
                 row["composed_over_measured"] = row["latency_ms_per_image"] / row["measured_latency_ms_per_image"]
                 row["within_5pct"] = abs(row["composed_over_measured"] - 1) <= 0.05
+            row |= paper_row(self.models.kind, point.name, point.label)
+            if "paper_speedup" in row:
+                row["ours_over_paper"] = row["speedup"] / row["paper_speedup"]
             row |= {"device": str(self.device), "device_name": device_name(self.device),
                     "threads": rounds.threads, "rounds": self.rounds,
                     "load_before": rounds.load[0], "load_after": rounds.load[1]}
