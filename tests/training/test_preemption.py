@@ -70,7 +70,9 @@ def test_sigterm_during_test_exits_nonzero_saying_nothing_was_finished(recorded,
     path = tmp_path / "long_test.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = start("test", "--config", str(path))
-    time.sleep(12)                                          # inside the test loop
+    # the out_dir's lock is taken in the module's setup, after Lightning installed its handler
+    wait_for(".lock", tmp_path / "run" / "eval", proc)
+    time.sleep(2.0)                                         # inside the test loop
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err[-2000:])

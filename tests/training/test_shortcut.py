@@ -191,3 +191,23 @@ def test_a_fitted_shortcut_exports_to_an_asset_that_loads(recorded, tmp_path, ma
     f, tokens = torch.randn(2, 49, trained.config.feature_dim), torch.randint(0, 256, (2, 49))
     new, t = torch.rand(2, 49) < 0.2, torch.rand(2)
     assert torch.allclose(loaded(f, tokens, new, t), trained(f, tokens, new, t), atol=1e-2, rtol=1e-2)
+
+
+def test_a_fit_that_fails_after_logging_keeps_its_wandb_run_and_sync_line(recorded, tmp_path, make_config):
+    """The other side of a failed run (tests/test_wandb_failed_run.py): one that logged steps
+    before it failed (a diverging lr) is finished as failed and kept, with wandb's sync command."""
+    import os
+    import subprocess
+    import sys
+
+    from migm.cli import REPO_ROOT
+    from wandb_runs import offline_runs
+    cfg = make_config(tmp_path, recorded, wandb=True, max_epochs=3)
+    env = {**{k: v for k, v in os.environ.items() if k != "MIGM_DEBUG"}, "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-m", "migm", "fit", "--config", cfg, "--model.init_args.lr", "1e30"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error: ")][0].count("not finite")
+    assert "wandb sync" in done.stderr + done.stdout
+    (run,) = offline_runs(tmp_path / "run/wandb")
+    assert any("train/loss" in item for item in run.history)
