@@ -75,3 +75,14 @@ def filling_file(path, mode: str, room: int):
 def full_disk():
     """`filling_file`, for tests that fake a full disk at a writer's `open`."""
     return filling_file
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """A command that fails inside a test (the CLI would close its W&B run on the way out) must
+    not leave that run active for the next test, whose WandbLogger would reuse it."""
+    yield
+    import sys
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(quiet=True)

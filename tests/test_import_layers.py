@@ -20,7 +20,7 @@ LAYERS = [
     {"training", "evaluation"},           # the LightningModules that train and test
     {"run"},                              # a run's name and the paths that follow from it
     {"commands"},                         # the project's verbs
-    {"cli"},                              # the `migm` program
+    {"cli", "gpu_check"},                 # the `migm` program; `make gpu-check`
     {"__main__"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -29,7 +29,8 @@ from migm.sampling.sampler import SamplerConfig
 def _config(tmp_path, **model) -> str:
     cfg = yaml.safe_load((REPO_ROOT / "configs/collect_tiny.yaml").read_text())
     cfg["trainer"]["callbacks"][0]["init_args"].update(out_dir=str(tmp_path / "traj"), batches_per_shard=2)
-    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path / "traj"))
+    cfg["trainer"].update(enable_progress_bar=False, default_root_dir=str(tmp_path / "traj"),
+                          logger=False)                # W&B's files are not the collection's
     cfg["model"]["init_args"].update(steps=4, **model)
     cfg["data"]["init_args"].update(num_trajectories=10, batch_size=3)
     path = tmp_path / "collect.yaml"

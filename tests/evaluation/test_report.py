@@ -1,6 +1,7 @@
 import json
 import random
 
+import pytest
 import torch
 
 from migm.evaluation.report import format_table, pareto_front, write_report
@@ -57,3 +58,11 @@ def test_wandb_gets_rows_whose_nested_values_differ_from_row_to_row(tmp_path):
     log_report(rows, files, [logger], step=0)
     logger.experiment.finish()
     assert list(tmp_path.rglob("offline-run-*"))
+
+
+def test_a_collapsed_row_is_drawn_off_the_chart_not_flattening_the_rest():
+    from migm.evaluation.report import off_chart_cap
+    study = [95.5, 66.8, 64.4, 60.7, 73.2, 210.2, 212.9, 72.7]       # ReCAP at its reference settings
+    assert off_chart_cap(study) == pytest.approx(1.2 * 95.5)
+    assert off_chart_cap([95.5, 66.8, 64.4, 60.7]) is None
+    assert off_chart_cap([]) is None

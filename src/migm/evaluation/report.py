@@ -62,6 +62,13 @@ def plot_pareto(rows: list[dict], path: Path, x: str = "latency_ms_per_image") -
                 linestyle="-" if key[0] in ("vanilla", "shortcut") else "--", markersize=4)
         for r in pts:
             ax.annotate(r["label"], (r[x], r[y]), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    cap = off_chart_cap([r[y] for r in rows]) if lower else None
+    if cap is not None:             # a collapsed row (FID 200 beside 60s) would flatten the rest
+        ax.set_ylim(top=cap)
+        for k, r in enumerate(r for r in rows if r[y] > cap):         # staggered, one line each
+            ax.annotate(f"{r['label']}: {r[y]:.0f} (off the chart)", (r[x], cap), xytext=(40, -12 - 9 * k),
+                        textcoords="offset points", fontsize=6, ha="left",
+                        arrowprops={"arrowstyle": "->", "lw": 0.6})
     front = [rows[i] for i in pareto_front(rows, x, y, lower)]
     ax.scatter([r[x] for r in front], [r[y] for r in front], s=160, facecolors="none",
                edgecolors="black", label="Pareto frontier")
@@ -73,6 +80,18 @@ def plot_pareto(rows: list[dict], path: Path, x: str = "latency_ms_per_image") -
     atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def off_chart_cap(values: list[float]) -> float | None:
+    """The top of the y axis when some values are outliers (more than twice the median), else
+    None: 1.2x the largest value that is not one."""
+    import statistics
+    finite = [v for v in values if v == v]
+    if not finite:
+        return None
+    limit = 2 * statistics.median(finite)
+    kept = [v for v in finite if v <= limit]
+    return 1.2 * max(kept) if len(kept) < len(finite) and kept else None
 
 
 def plot_side_by_side(samples: dict[str, torch.Tensor], path: Path, per_row: int = 10) -> Path:
