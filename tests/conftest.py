@@ -85,4 +85,4 @@ def _no_wandb_run_left_open():
     import sys
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(quiet=True)
+        wandb.finish()

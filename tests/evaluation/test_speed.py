@@ -8,7 +8,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from migm.accel.method import Vanilla
 from migm.accel.shortcut import Shortcut
