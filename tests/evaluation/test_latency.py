@@ -80,3 +80,32 @@ def test_peak_memory_sees_a_large_allocation():
                                 rounds=1, warmup=0, memory=True)
     assert rounds.peaks["alloc"][1] > 100            # 256 MiB of float32 above the start
     assert rounds.peaks["none"][1] < 100
+
+
+def test_progress_ticks_once_per_call_and_closes():
+    from migm.evaluation.latency import interleaved_rounds
+
+    class Bar:
+        def __init__(self, it):
+            self.items, self.seen, self.closed = list(it), 0, False
+
+        def __iter__(self):
+            for item in self.items:
+                self.seen += 1
+                yield item
+
+        def close(self):
+            self.closed = True
+
+    bars = []
+    interleaved_rounds({"a": lambda: None, "b": lambda: None}, warmup=1, rounds=3,
+                       progress=lambda it: bars.append(Bar(it)) or bars[-1])
+    (bar,) = bars
+    assert len(bar.items) == 8 and bar.seen == 8 and bar.closed
+
+
+def test_the_call_count_ideal_is_the_plans_arithmetic():
+    from migm.evaluation.latency import ideal_speedup
+    # 32/B9 on MaskGIT: 9 base calls of 3400 ms + 23 shortcut calls of 40 ms against 15 base calls
+    assert ideal_speedup(15, 3400.0, 32, 9 / 32, 23, 40.0) == 15 * 3400 / (9 * 3400 + 23 * 40)
+    assert ideal_speedup(15, 3400.0, 8, 0.0) is None

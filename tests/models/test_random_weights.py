@@ -108,3 +108,10 @@ def test_every_row_of_a_random_base_says_so(small_migm):
     assert grid.quality_row(grid.points[0])["weights"] == "random"
     trained = EvaluationGrid(small_migm, None, QualityMetrics(), config)
     assert trained.quality_row(trained.points[0])["weights"] == "trained"
+
+
+def test_a_random_dimoo_names_a_missing_prompt_file(tmp_path):
+    with pytest.raises(CheckpointError, match=f"prompt file {tmp_path / 'none.txt'} not found"):
+        load_base("dimoo", "random", "", SMALL_DIMOO, prompts=str(tmp_path / "none.txt"))
+    (tmp_path / "two.txt").write_text("a red fox\na blue bird\n")
+    assert load_base("dimoo", "random", "", SMALL_DIMOO, prompts=str(tmp_path / "two.txt")).num_classes == 2

@@ -21,7 +21,7 @@ from migm.accel.calibration import fit_step_temperatures
 from migm.accel.method import GridPoint, Method, Vanilla
 from migm.accel.shortcut import Shortcut
 from migm.evaluation.bench import call_costs
-from migm.evaluation.latency import interleaved_rounds
+from migm.evaluation.latency import ideal_speedup, interleaved_rounds
 from migm.evaluation.quality import QualityMetrics
 from migm.sampling.loop import generate
 from migm.sampling.sampler import SamplerConfig
@@ -203,13 +203,8 @@ class EvaluationGrid(nn.Module):
         lat_cond = torch.arange(c.latency_batch, device=device) % self.model.num_classes
         costs = self.call_costs()
         fns = {p: (lambda p=p: self.model.decode(self.generate(p, lat_cond, c.seed).tokens)) for p in self.points}
-        if progress:                      # one tick per point and round (the timing takes minutes)
-            bar = progress(range(len(fns) * (c.latency_repeats + 1)))
-            ticks = iter(bar)
-            fns = {p: (lambda f=f: (f(), next(ticks, None))) for p, f in fns.items()}
-        rounds = interleaved_rounds(fns, rounds=c.latency_repeats, device=str(device), memory=True)
-        if progress and hasattr(bar, "close"):
-            bar.close()
+        rounds = interleaved_rounds(fns, rounds=c.latency_repeats, device=str(device), memory=True,
+                                    progress=progress)
         ref = self.reference()
         out = []
         for point, row in zip(self.points, rows):
@@ -221,11 +216,9 @@ class EvaluationGrid(nn.Module):
                    "peak_memory_mib": peak, "peak_memory_above_start_mib": peak_delta,
                    "threads": rounds.threads, "device": rounds.device,
                    "load_before": rounds.load[0], "load_after": rounds.load[1], **costs}
-            # the bound from model calls alone: what the speedup would be if only calls cost time
-            # (a cache's partial step counts as its share of a full call's FLOPs)
-            model_ms = row.get("base_flops_fraction", 0.0) * point.steps * costs["base_call_ms"] + \
-                (row.get("shortcut_calls") or 0) * costs.get("shortcut_call_ms", 0.0)
-            row["ideal_speedup"] = c.reference_steps * costs["base_call_ms"] / model_ms if model_ms else None
+            row["ideal_speedup"] = ideal_speedup(c.reference_steps, costs["base_call_ms"], point.steps,
+                                                 row.get("base_flops_fraction", 0.0),
+                                                 row.get("shortcut_calls") or 0, costs.get("shortcut_call_ms", 0.0))
             row["measured_over_ideal"] = speedup / row["ideal_speedup"] if row["ideal_speedup"] else None
             out.append(row)
         return out

@@ -47,15 +47,29 @@ def measure_latency(fn: Callable[[], object], batch_size: int, *, warmup: int = 
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], object]], *, warmup: int = 1, rounds: int = 5,
-                       device: str = "cpu", memory: bool = False) -> Rounds:
+                       device: str = "cpu", memory: bool = False,
+                       progress: Callable | None = None) -> Rounds:
     """Call every function once per round, in turn, for `rounds` rounds after `warmup` calls each.
 
     With `memory`, the peak memory of each function's first timed call is recorded too: the
     highest CUDA allocation on a GPU, or the highest resident set size of this process on a CPU
     (sampled every 2 ms), as an absolute value and above what was resident just before.
+    `progress` (e.g. tqdm) gets one tick per call: a study's timing takes minutes.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    bar = progress(range(len(fns) * (rounds + warmup))) if progress else None
+    if bar is not None:
+        ticks = iter(bar)
+        fns = {name: (lambda fn=fn: (fn(), next(ticks, None))) for name, fn in fns.items()}
+    try:
+        return _rounds(fns, warmup, rounds, device, memory)
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+
+
+def _rounds(fns: dict, warmup: int, rounds: int, device: str, memory: bool) -> Rounds:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -76,6 +90,15 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
                 peaks[name] = watch.stop()
     return Rounds(times, peaks, threads=torch.get_num_threads(), device=device,
                   load=(load_before, _load()))
+
+
+def ideal_speedup(reference_steps: int, base_call_ms: float, steps: int, base_flops_fraction: float,
+                  shortcut_calls: float = 0, shortcut_call_ms: float = 0.0) -> float | None:
+    """The bound from model calls alone: the speedup over vanilla at `reference_steps` if only
+    the base and shortcut calls cost time (a cache's partial step counts as its share of a full
+    call's FLOPs). None where a point spends nothing on calls."""
+    model_ms = base_flops_fraction * steps * base_call_ms + shortcut_calls * shortcut_call_ms
+    return reference_steps * base_call_ms / model_ms if model_ms else None
 
 
 def compare_latency(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5,

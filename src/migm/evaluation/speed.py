@@ -33,7 +33,7 @@ import torch
 
 from migm.accel.method import GridPoint
 from migm.evaluation.grid import GridConfig, check_steps
-from migm.evaluation.latency import interleaved_rounds
+from migm.evaluation.latency import ideal_speedup, interleaved_rounds
 from migm.evaluation.paper_tables import paper_row
 from migm.models.random_weights import fill_random, random_base
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput, generate
@@ -214,12 +214,8 @@ class SpeedStudy:
         fns: dict[object, Callable] = {(p, d): (lambda p=p, d=d: call(p, d))
                                        for p in self.points for d in self.runs(p)}
         fns["decode"] = lambda: decoder.decode(last_tokens["tokens"])
-        if progress:
-            bar = progress(range(len(fns) * (self.rounds + self.warmup)))
-            ticks = iter(bar)
-            fns = {k: (lambda f=f: (f(), next(ticks, None))) for k, f in fns.items()}
         rounds = interleaved_rounds(fns, warmup=self.warmup, rounds=self.rounds,
-                                    device=str(self.device), memory=True)
+                                    device=str(self.device), memory=True, progress=progress)
         records = {k: v[-self.rounds:] for k, v in records.items()}      # the timed calls only
         for r, ms in enumerate(rounds.times["decode"]):
             for runs in records.values():
@@ -239,11 +235,12 @@ class SpeedStudy:
             return sum(composed(point, r)) + records[(point, d1)][r].decode_ms
 
         ref = [total(self.reference, r) for r in range(self.rounds)]
+        ref_base = self.costs(self.reference, records)["base_call_ms"]   # every point's ideal uses it
         out = []
         for point in self.points:
             totals = [total(point, r) for r in range(self.rounds)]
             ratios = [a / b for a, b in zip(ref, totals)]
-            row = self.costs(point, records, scale)
+            row = self.costs(point, records)
             row |= {"method": point.name, "label": point.label, "steps": point.steps,
                     "budget": dict(point.knobs).get("budgets", point.steps),
                     **{k: v for k, v in point.values.items() if k != "steps"},
@@ -253,13 +250,11 @@ class SpeedStudy:
                     "speedup": statistics.median(ratios), "speedup_min": min(ratios),
                     "speedup_max": max(ratios), "reference_steps": self.grid.reference_steps,
                     **records[(point, d1)][0].counts, **self.memory(point, rounds, scale)}
-            # the bound from model calls alone (evaluation/grid.py): one base call's cost, the
-            # reference's, for every point; a cache's partial step as its share of a call's FLOPs
-            short_ms = row.get("shortcut_call_ms") or 0.0
-            ref_base = self.costs(self.reference, records, scale)["base_call_ms"]
-            model_ms = row["base_flops_fraction"] * point.steps * ref_base + row["shortcut_calls"] * short_ms
-            row["ideal_speedup"] = self.reference.steps * ref_base / model_ms if model_ms else None
-            row["measured_over_ideal"] = row["speedup"] / row["ideal_speedup"] if model_ms else None
+            row["ideal_speedup"] = ideal_speedup(self.reference.steps, ref_base, point.steps,
+                                                 row["base_flops_fraction"], row["shortcut_calls"],
+                                                 row.get("shortcut_call_ms") or 0.0)
+            row["measured_over_ideal"] = (row["speedup"] / row["ideal_speedup"]
+                                          if row["ideal_speedup"] else None)
             if (point, D) in records and D not in (d1, d2):
                 whole = [sum(run.step_ms) + run.decode_ms for run in records[(point, D)]]
                 row["measured_latency_ms_per_image"] = statistics.median(whole) / self.batch
@@ -274,7 +269,7 @@ class SpeedStudy:
             out.append(row)
         return out
 
-    def costs(self, point: GridPoint, records: dict, scale: float) -> dict:
+    def costs(self, point: GridPoint, records: dict) -> dict:
         """The point's step costs at depth D by kind (medians over rounds of each step), the
         fixed per-step cost (a full step's cost at depth 0: embeddings, head, guidance, sampler),
         a base call (a full step less that) and a shortcut call (a shortcut step less that)."""

@@ -57,10 +57,13 @@ def _random_options(kind: str, options: dict) -> dict:
     options = dict(options)
     prompts = options.pop("prompts", None)
     if kind == "dimoo" and prompts is not None:
-        if isinstance(prompts, (str, Path)) and Path(prompts).is_file():
+        if isinstance(prompts, (str, Path)):
+            if not Path(prompts).is_file():
+                raise CheckpointError(f"prompt file {prompts} not found (a random DiMOO has one "
+                                      "condition per prompt)")
             from migm.models.prompts import read_prompt_file
             options["prompts"] = len(read_prompt_file(prompts).prompts)
-        elif not isinstance(prompts, (str, Path)):
+        else:
             options["prompts"] = len(prompts)
     return options
 
