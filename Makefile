@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench speed-table1 speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
+.PHONY: setup data test test-all demo bench speed-table1 speed-compile speed-table2-cpu speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -77,7 +77,23 @@ bench: setup
 speed-table1: setup
 	$(PY) -m migm speed --study configs/maskgit.yaml --batch 1 --depths "[1, 4]" --rounds 3 \
 	  --whole "[vanilla N8, shortcut N15/B7]" --out docs/real_sizes/table1_maskgit512_cpu.jsonl
-# Lumina-DiMOO-8B needs a GPU for its whole grid (one 8B step is minutes on this CPU).
+# MaskGIT-512 eager and under torch.compile (the base's blocks and the shortcut), same rounds.
+speed-compile: setup
+	$(PY) -m migm speed --study configs/maskgit.yaml --batch 1 --depths "[1, 4]" --rounds 3 \
+	  --points "[shortcut N32/B9]" --compile true --out docs/real_sizes/compile_maskgit512_cpu.jsonl
+# Lumina-DiMOO-8B on this CPU: every point run with no layer and with one real layer (bf16, the
+# real sequence), composed to 32 layers; two points also run whole at 2 layers as the check.
+speed-table2-cpu: setup
+	$(PY) -m migm speed --study configs/dimoo.yaml --precision bf16-mixed --batch 1 \
+	  --depths "[0, 1]" --check_depth 2 --rounds 1 --warmup 0 \
+	  --whole "[vanilla N13, taylorseer N64/I8/O2/layers]" --points "$(TABLE2_POINTS)" \
+	  --out docs/real_sizes/table2_dimoo8b_cpu.jsonl
+TABLE2_POINTS = [vanilla N13, vanilla N14, vanilla N16, vanilla N32, shortcut N64/B9, \
+  shortcut N64/B11, shortcut N64/B14, ml_cache N64/w0.1/r5/c0.9, ml_cache N64/w0/r5/c0.9, \
+  recap u0/T8/N48, recap u0/T8/N32, dllm_cache N64/Kp10/Kr5 rho0, dllm_cache N64/Kp10/Kr5 rho0.25, \
+  dllm_cache N64/Kp64/Kr16 rho0, dllm_cache N64/Kp64/Kr16 rho0.25, taylorseer N64/I4/O2/layers, \
+  taylorseer N64/I8/O2/layers]
+# On a GPU, the whole grid composed from depths 1 and 2, the headline points run whole.
 speed-table2: setup
 	$(PY) -m migm speed --study configs/dimoo.yaml --device cuda --rounds 2 \
 	  --whole "[vanilla N64, shortcut N64/B14]" --out docs/real_sizes/table2_dimoo8b_gpu.jsonl

@@ -167,7 +167,7 @@ def doc_flags(docs: list[Path] | None = None, root: Path = REPO) -> list[tuple[s
 def flag_exists(args: list[str]) -> bool:
     """True when some command accepts these flags; a placeholder value may fail to parse, an
     unknown flag may not."""
-    for verb in ("test", "fit", "collect", "evaluate"):
+    for verb in ("test", "fit", "collect", "evaluate", "speed"):
         try:
             cli.main([verb, *args, "--print_config"], raise_errors=True)
         except SystemExit as exit_:

@@ -244,7 +244,8 @@ def _data_bench(source: Path, work: Path, base: str, tokenizer: str) -> list[dic
 
 
 def speed(study: str | None = None, overrides: list[str] = [], batch: int | None = None, depths: list[int] = [1, 2],
-          whole: list[str] = [], points: list[str] | None = None, rounds: int = 3, warmup: int = 1,
+          whole: list[str] = [], check_depth: int | None = None, points: list[str] | None = None,
+          rounds: int = 3, warmup: int = 1, compile: bool = False, compile_backend: str = "inductor",
           base_config: dict | None = None, network: dict | None = None, device: str = "cpu",
           precision: Literal["16-mixed", "bf16-mixed", "32-true"] | None = None, seed: int = 0,
           out: Path = Path("runs/speed/speed.jsonl")) -> list[dict]:
@@ -258,12 +259,19 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
             sampler, reference steps and latency batch.
         overrides: config files merged over it in order, as `test --config A --config B` does.
         batch: images per generation call (default: the config's evaluation.latency_batch).
-        depths: the two depths d1 < d2 of the base every point runs at.
-        whole: points ("vanilla N8", "shortcut N15/B7"; [all]: every one) also run at the full
-            depth, so their rows say how far the composition is from the measurement.
+        depths: the two depths d1 < d2 of the base every point runs at; [0, 1] (no layer, one
+            real layer) is the `one_layer` composition, for a base too big to run whole here.
+        whole: points ("vanilla N8", "shortcut N15/B7"; [all]: every one) also run whole at the
+            check depth, so their rows say how far the composition is from the measurement.
+        check_depth: the depth `whole` points run at (default the base's own; smaller where the
+            whole base is too slow here, e.g. 2 for DiMOO-8B on a CPU).
         points: run only these points (and the reference vanilla); default every point.
         rounds: timed rounds (every point and depth once per round).
         warmup: untimed calls of each before the rounds.
+        compile: also time every run with the base's blocks and the shortcut under torch.compile
+            (sampling/compiled.py), in the same rounds: rows gain compiled latency and speedup.
+        compile_backend: torch.compile's backend (inductor; aot_eager traces without generating
+            code, a quick check that every block and the shortcut compile whole).
         base_config: fields of the base's config to override (a smaller grid, fewer heads).
         network: fields of the shortcut network's config to override (its init_args).
         device: cpu or cuda.
@@ -291,14 +299,16 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
     dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision or "")
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if dtype else nullcontext
     options = {"device": device} | ({"dtype": torch.float32} if kind == "dimoo" and dtype is None else {})
-    models = build_models(kind, config, tuple(depths), whole=bool(whole), seed=seed, **options)
+    models = build_models(kind, config, tuple(depths), whole=bool(whole), seed=seed,
+                          check_depth=check_depth, **options)
     any_model = models.models[depths[0]]
     shortcut = None
     if any(m.needs_shortcut for m in grid.methods):
         shortcut = random_shortcut(sections["network"], seed, device)
     study = SpeedStudy(models, shortcut, grid, batch or grid.latency_batch, whole=whole,
-                       rounds=rounds, warmup=warmup, seed=seed, autocast=autocast, only=points)
-    print(f"speed: {kind} at depth {models.depth} composed from depths {depths[0]},{depths[1]}, "
+                       rounds=rounds, warmup=warmup, seed=seed, autocast=autocast, only=points,
+                       compile=compile, compile_backend=compile_backend)
+    print(f"speed: {kind} at depth {models.depth} composed from {models.composed_from}, "
           f"{any_model.num_tokens} tokens, batch {study.batch}, {len(study.points)} points, "
           f"{rounds} rounds on {device}")
     rows = study.rows(study.measure(progress=_progress("timing")))

@@ -6,7 +6,7 @@ command, ready before a GPU arrives. About 8 minutes on one H200.
 2. collect -> fit -> test of the embedded default on one GPU in bf16-mixed
    (experiments/gpu_check/);
 3. `migm speed` at full size, random weights, bf16: MaskGIT-512 (Table 1's grid, every point
-   also run whole) and Lumina-DiMOO-8B (Table 2's grid composed from depths 1 and 2, the
+   also run whole, each eager and under torch.compile in the same rounds) and Lumina-DiMOO-8B (Table 2's grid composed from depths 1 and 2, the
    headline points also run whole at 32 layers).
 
 Rows go to docs/gpu/<base>_<device>.jsonl with the device's name in every row, and a summary of
@@ -90,9 +90,10 @@ def plan(device: str, small: bool, out: Path, tag: str, root: Path = Path(".")) 
                      "--network", json.dumps(SMALL[kind]["network"]), "--batch", "1", "--warmup", "0",
                      "--points", json.dumps([headline])]
             whole, rounds = json.dumps([headline]), 1
+        compile_both = ["--compile", "true"] if kind == "maskgit" and not small else []   # with and without
         steps.append(Step(f"speed {kind} (full size, random weights)",
                           [*migm, "speed", "--study", str(study), "--device", device, "--whole", whole,
-                           "--rounds", str(rounds), *sizes,
+                           "--rounds", str(rounds), *compile_both, *sizes,
                            "--out", str(out / f"{kind}{'_small' if small else ''}_{tag}.jsonl")]))
     return steps
 

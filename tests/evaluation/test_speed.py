@@ -12,7 +12,7 @@ import pytest
 from migm.accel.method import Vanilla
 from migm.accel.shortcut import Shortcut
 from migm.cli import REPO_ROOT, main
-from migm.evaluation import latency, speed
+from migm.evaluation import latency, speed, step_clock
 from migm.evaluation.grid import GridConfig
 from migm.evaluation.speed import SpeedStudy, build_models, random_shortcut
 from migm.models.maskgit import MaskGITConfig
@@ -40,7 +40,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch) -> Clock:
     c = Clock()
-    for module in (speed, latency):
+    for module in (step_clock, latency):
         monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=c))
     return c
 
@@ -89,6 +89,58 @@ def test_composed_latency_is_the_whole_runs_where_layers_cost_the_same(clock):
     assert models.weights_mib[4] == pytest.approx(w[4]) == pytest.approx(w[1] + 3 * (w[2] - w[1]))
 
 
+def test_one_layer_composition_checked_at_a_smaller_depth_is_exact_where_layers_cost_the_same(clock):
+    """Depths 0 and 1 (no layer, one real layer): `composed_from: one_layer`. The whole run is
+    checked at depth 2 (`check_depth`), and both the composition to 2 and to the base's 4 are
+    the plan's arithmetic."""
+    config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
+    models = build_models("maskgit", config, (0, 1), whole=True, check_depth=2)
+    assert sorted(models.models) == [0, 1, 2] and models.composed_from == "one_layer"
+    for model in models.models.values():
+        for block in model.transformer.blocks:
+            block.register_forward_hook(clock.spend(LAYER_MS))
+        model.transformer.tok_emb.register_forward_hook(clock.spend(EMBED_MS))
+        model.vqgan.register_forward_hook(clock.spend(DECODE_MS))
+    grid = GridConfig(methods=[Vanilla(steps=[8, 15])], reference_steps=15)
+    study = SpeedStudy(models, None, grid, 1, whole=["vanilla N8"], rounds=2)
+    rows = {r["label"]: r for r in study.rows(study.measure())}
+    n8 = rows["N8"]
+    assert n8["composed_from"] == "one_layer" and n8["measured_depth"] == 2
+    assert n8["latency_ms_per_image"] == pytest.approx(8 * (4 * LAYER_MS + EMBED_MS) + DECODE_MS)
+    assert n8["measured_latency_ms_per_image"] == pytest.approx(8 * (2 * LAYER_MS + EMBED_MS) + DECODE_MS)
+    assert n8["composed_over_measured"] == pytest.approx(1.0)
+    assert n8["fixed_step_ms"] == pytest.approx(EMBED_MS) and n8["base_call_ms"] == pytest.approx(4 * LAYER_MS)
+    assert "measured_peak_memory_mib" in n8 and "composed_peak_at_measured_depth_mib" in n8
+    # vanilla keeps nothing between steps: its estimate is the weights and one step's own
+    assert n8["held_mib"] == 0 and n8["estimated_peak_memory_mib"] == pytest.approx(
+        models.weights_mib[4] + study.transient_mib, abs=0.1)
+    with pytest.raises(ValueError, match=r"speed.check_depth: .*\(1 < depth <= 4\), got 1"):
+        build_models("maskgit", config, (0, 1), whole=True, check_depth=1)
+
+
+def test_a_shortcut_step_is_the_mean_of_its_two_readings_not_extrapolated():
+    """A full step extrapolates along the line through its two depths; a shortcut step runs no
+    base layer, so the difference of its readings is noise and is not multiplied by the scale."""
+    composed = speed.compose([10.0, 5.0, 4.0], [20.0, 7.0, 4.5], ["full", "shortcut_calls", "forecasts"], 31.0)
+    assert composed == pytest.approx([10 + 31 * 10, 6.0, 4.0 + 31 * 0.5])
+
+
+def test_held_bytes_counts_each_kept_tensor_once_and_no_weights():
+    """What a source keeps between steps: tensors in its attributes, lists, dicts and plain
+    objects, a view of a kept tensor not twice, a module's weights not at all."""
+    import torch
+
+    class Cache:
+        def __init__(self):
+            self.k = torch.zeros(2, 3, 5)                  # 30 floats
+            self.rows = [torch.zeros(4, dtype=torch.bfloat16), {"v": torch.zeros(2, 2)}]
+            self.view = self.k[0]                          # the same storage as k
+            self.model = torch.nn.Linear(100, 100)         # weights: counted as weights
+            self.steps, self.name = 7, "dllm"
+
+    assert step_clock.held_bytes(Cache()) == 30 * 4 + 4 * 2 + 4 * 4
+
+
 def test_a_depth_outside_the_base_or_an_unknown_point_is_named():
     config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
     with pytest.raises(ValueError, match=r"speed.depths: .* <= 4"):
@@ -129,6 +181,23 @@ def test_speed_runs_every_point_of_the_shipped_study(tmp_path, study, base_confi
     if study == "dimoo.yaml":                 # every baseline's cached step is a kind of its own
         kinds = set().union(*(r["step_counts"] for r in rows))
         assert {"full", "shortcut_calls", "partial_steps", "local_steps", "forecasts"} <= kinds
+
+
+def test_one_layer_on_the_shipped_dimoo_study_names_each_cached_step(tmp_path):
+    """`--depths "[0, 1]"`: with no layer a cache is empty (dLLM-Cache takes every step for its
+    first, full one); the step kinds come from the one-layer run, so cached steps keep their
+    name, and the whole run at the check depth 2 stands beside its composition."""
+    out = tmp_path / "speed.jsonl"
+    main(["speed", "--study", str(REPO_ROOT / "configs" / "dimoo.yaml"), "--base_config", json.dumps(DIMOO_64),
+          "--network", json.dumps({"feature_dim": 32, "vocab_size": 16, "num_tokens": 64, "heads": 4}),
+          "--batch", "1", "--rounds", "1", "--warmup", "0", "--depths", "[0, 1]", "--check_depth", "2",
+          "--points", "[dllm_cache N64/Kp10/Kr5 rho0]", "--whole", "[dllm_cache N64/Kp10/Kr5 rho0]",
+          "--out", str(out)])
+    reference, dllm = [json.loads(line) for line in out.read_text().splitlines()]
+    assert reference["label"] == "N64" and reference["step_counts"] == {"full": 64}
+    assert dllm["composed_from"] == "one_layer" and dllm["measured_depth"] == 2
+    assert dllm["step_counts"]["partial_steps"] > 0 and sum(dllm["step_counts"].values()) == 64
+    assert dllm["held_mib"] > 0 and dllm["estimated_peak_memory_mib"] > dllm["weights_mib"]
 
 
 def test_speed_refuses_the_embedded_default(tmp_path):

@@ -9,13 +9,26 @@ the same seeds and conditions, with the base cut to two depths d1 < d2 (random w
 reference width, sequence length and batch); every step is timed on its own (`StepClock`), and
 step i at the real depth D is
 
-    t_D[i] = t_d1[i] + (D - d1) / (d2 - d1) * (t_d2[i] - t_d1[i]).
+    t_D[i] = t_d1[i] + (D - d1) / (d2 - d1) * (t_d2[i] - t_d1[i]),
 
-A row is `composed_from: depths d1,d2`. Points named in `whole` also run at depth D in the same
-rounds, and their row says how far the composition is from the measurement (`composed_over_
-measured`): where both fit, this is the check that the composition can be trusted. Peak memory
-composes the same way: what a step allocates above the weights grows affinely with depth (the
-caches hold a K/V per layer), and the weights of depth D are counted exactly.
+except a step that runs no base layer (a shortcut step), whose cost is the mean of its two
+measurements: its true slope is zero, and extrapolating a difference of two noisy readings
+would multiply their noise by (D - d1) / (d2 - d1).
+
+A row is `composed_from: depths d1,d2`; depths 0 and 1 (the base with no layer, then with one
+real layer, at the real sequence) are `composed_from: one_layer`, what a base too big to run
+whole on the machine at hand (DiMOO-8B on a CPU) allows. Points named in `whole` also run whole
+at a check depth (D unless `check_depth` is smaller) in the same rounds, and their row says how
+far the composition to that depth is from the measurement (`composed_over_measured`): this is
+the check that the composition can be trusted.
+
+Peak memory is composed the same way (the weights of depth D counted exactly) and estimated from
+tensor sizes: the weights, what the method holds between steps (counted by `StepClock`, affine in
+depth: a cache holds its tensors per layer) and the most one step allocates for itself. A step's
+own allocation is a maximum, not a sum over layers (a layer's activations are freed before the
+next one's), so where the composing depths differ in which part sets it (no layer: the head;
+one layer: the MLP) the composed peak overstates, and the estimate is the number to use; both
+stand beside a whole run's measurement at the check depth.
 
 Every point is timed once per round, all points and depths in turn (evaluation/latency.py), and a
 speedup is the median over rounds of the per-round ratio to the reference vanilla.
@@ -24,7 +37,6 @@ speedup is the median over rounds of the per-round ratio to the reference vanill
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -35,8 +47,10 @@ from migm.accel.method import GridPoint
 from migm.evaluation.grid import GridConfig, check_steps
 from migm.evaluation.latency import ideal_speedup, interleaved_rounds
 from migm.evaluation.paper_tables import paper_row
+from migm.evaluation.step_clock import StepClock
 from migm.models.random_weights import fill_random, random_base
-from migm.sampling.loop import FeatureSource, StepContext, StepOutput, generate
+from migm.sampling.compiled import compile_twins, using_twins
+from migm.sampling.loop import generate
 
 DEPTH_FIELD = {"maskgit": "depth", "dimoo": "n_layers"}    # the base config's number of layers
 
@@ -48,102 +62,58 @@ def base_depth(kind: str, config) -> int:
     return getattr(config, DEPTH_FIELD[kind])
 
 
-def step_kind(out: StepOutput) -> str:
-    """What a step cost: `full` (a base call), else the counter it adds to (`shortcut_calls`,
-    `partial_steps`, ...); `mixed` where samples of one step differ (the adaptive refresh)."""
-    if torch.is_tensor(out.full):
-        return "mixed"
-    return "full" if out.full else out.kind
-
-
-class StepClock(FeatureSource):
-    """A feature source that times every step of the source it wraps, from the request for f_i
-    to the end of the sampler (the loop calls `on_step` last), and notes each step's kind.
-
-    On a GPU the marks are CUDA events read once after the generation, so the loop is never
-    synchronised inside its steps; on a CPU they are perf_counter readings."""
-
-    def __init__(self, source: FeatureSource, device: torch.device | str) -> None:
-        self.source, self.cuda = source, torch.device(device).type == "cuda"
-        self.steps = source.steps
-        self.kinds: list[str] = []
-        self._marks: list[tuple[object, object]] = []
-
-    @property
-    def temperature(self) -> float:
-        return self.source.temperature
-
-    @property
-    def step_temperatures(self) -> dict[int, float]:
-        return self.source.step_temperatures
-
-    def skipped_temperature(self, step: int) -> float:
-        return self.source.skipped_temperature(step)
-
-    def reset(self) -> None:
-        self.source.reset()
-        self.kinds, self._marks = [], []
-
-    def _mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def step(self, ctx: StepContext) -> StepOutput:
-        start = self._mark()
-        out = self.source.step(ctx)
-        self._marks.append((start, None))
-        self.kinds.append(step_kind(out))
-        return out
-
-    def on_step(self, ctx, features, new_tokens, revealed) -> None:     # the loop's Observer
-        self._marks[-1] = (self._marks[-1][0], self._mark())
-
-    def step_ms(self) -> list[float]:
-        """Milliseconds of each step of the last generation."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [start.elapsed_time(end) for start, end in self._marks]
-        return [1000 * (end - start) for start, end in self._marks]
-
-
 @dataclass
 class Run:
-    """One timed generation: each step's ms and kind, the decode's ms, the method's counters."""
+    """One timed generation: each step's ms and kind, the decode's ms, the method's counters, and
+    the most bytes its source held between steps."""
 
     step_ms: list[float]
     kinds: list[str]
     decode_ms: float
     counts: dict = field(default_factory=dict)
+    held_bytes: int = 0
 
 
 @dataclass
 class SpeedModels:
-    """The base at depth D (built only if a point runs whole) and at the two composing depths."""
+    """The base at the two composing depths, and at the check depth if a point runs whole."""
 
     kind: str
-    depth: int
+    depth: int                               # D, the base's
     depths: tuple[int, int]
     models: dict[int, object]                # depth -> base with random weights
     weights_mib: dict[int, float]            # depth -> MiB of the base's weights at that depth
+    check_depth: int | None = None           # where `whole` points also run (None: D)
+
+    @property
+    def composed_from(self) -> str:
+        return "one_layer" if self.depths == (0, 1) else f"depths {self.depths[0]},{self.depths[1]}"
+
+    def scale(self, depth: int) -> float:
+        """(depth - d1) / (d2 - d1): how far along the line through the two depths `depth` is."""
+        d1, d2 = self.depths
+        return (depth - d1) / (d2 - d1)
 
 
 def build_models(kind: str, config, depths: tuple[int, int], whole: bool, seed: int = 0,
-                 **options) -> SpeedModels:
-    """The base of `kind` at `config` cut to `depths` (and whole if asked), random weights."""
+                 check_depth: int | None = None, **options) -> SpeedModels:
+    """The base of `kind` at `config` cut to `depths` (and at `check_depth`, default its own, if
+    a point runs whole), random weights."""
     d1, d2 = depths
     full = base_depth(kind, config)
-    if not 1 <= d1 < d2 <= full:
-        raise ValueError(f"speed.depths: two depths 1 <= d1 < d2 <= {full} (the base's), got {list(depths)}")
-    wanted = sorted({d1, d2, *([full] if whole else [])})
+    if not 0 <= d1 < d2 <= full:
+        raise ValueError(f"speed.depths: two depths 0 <= d1 < d2 <= {full} (the base's), got {list(depths)}")
+    check = full if check_depth is None else check_depth
+    if not d2 < check <= full:
+        raise ValueError(f"speed.check_depth: a depth above the composing ones and at most the "
+                         f"base's ({d2} < depth <= {full}), got {check}")
+    wanted = sorted({d1, d2, *([check] if whole else [])})
     models = {d: random_base(kind, replace(config, **{DEPTH_FIELD[kind]: d}), seed, **options)
               for d in wanted}
     mib = {d: weights_mib(m) for d, m in models.items()}
     # weights are affine in depth too (one layer's worth each): depth D's, exactly, unbuilt
     mib[full] = mib[d1] + (full - d1) / (d2 - d1) * (mib[d2] - mib[d1])
-    return SpeedModels(kind, full, (d1, d2), models, mib)
+    return SpeedModels(kind, full, (d1, d2), models, mib, check if whole else None)
 
 
 def weights_mib(model) -> float:
@@ -155,15 +125,29 @@ def random_shortcut(network_config, seed: int = 0, device: str | torch.device = 
     return fill_random(network_config.build(), seed).to(device).eval().requires_grad_(False)
 
 
+# Step kinds whose cost cannot depend on the base's depth: a shortcut step runs the shortcut and
+# the head, never a base layer (accel/shortcut.py, accel/sequence.py)
+DEPTH_FREE = {"shortcut_calls"}
+
+
+def compose(a: list[float], b: list[float], kinds: list[str], s: float) -> list[float]:
+    """Each step's ms at the depth a fraction `s` along the line from depth d1 (`a`) to d2 (`b`).
+    A depth-free step costs the same at both, so it is the mean of its two measurements:
+    extrapolating their difference would only multiply the noise by s (31x for one_layer)."""
+    return [(x + y) / 2 if k in DEPTH_FREE else x + s * (y - x) for x, y, k in zip(a, b, kinds)]
+
+
 class SpeedStudy:
     """Times every point of `grid` on `models`, composes depth D, and writes one row a point."""
 
     def __init__(self, models: SpeedModels, shortcut, grid: GridConfig, batch: int,
                  whole: list[str] = (), rounds: int = 3, warmup: int = 1, seed: int = 0,
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
-                 only: list[str] | None = None) -> None:
-        """`whole`: points ("vanilla N8") also run at depth D; `only`: time just these points
-        (and the reference vanilla)."""
+                 only: list[str] | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
+        """`whole`: points ("vanilla N8") also run whole at the check depth; `only`: time just
+        these points (and the reference vanilla); `compile`: every run also with the base's
+        blocks and the shortcut compiled (sampling/compiled.py), in the same rounds."""
         self.models, self.shortcut, self.grid, self.batch = models, shortcut, grid, batch
         self.reference = next(p for p in grid.points() if p.name == "vanilla" and p.steps == grid.reference_steps)
         every = {f"{p.name} {p.label}" for p in grid.points()}
@@ -182,21 +166,49 @@ class SpeedStudy:
             raise ValueError(f"grid points {needy} need a shortcut network")
         self.whole, self.rounds, self.warmup, self.seed = list(whole), rounds, warmup, seed
         self.autocast = autocast
+        if compile and warmup < 1:
+            raise ValueError("speed.warmup: --compile true needs at least one warm-up call (a compiled "
+                             "network's first call compiles it), got 0")
+        self.twins = ({d: compile_twins(m, shortcut, backend=compile_backend)
+                       for d, m in models.models.items()}
+                      if compile else {})
         self.device = next(any_model.parameters()).device
         self.cond = torch.arange(batch, device=self.device) % any_model.num_classes
+        self.transient_mib = self._transient_mib(any_model)
+
+    def _transient_mib(self, model) -> float:
+        """What one step allocates for itself at most, from tensor sizes: the larger of a layer's
+        MLP over every row (its input and output, gate, up and their product) and the head's
+        fp32 logits with three sampler temporaries of their size (probabilities, noise,
+        confidences). Rows: the batch, twice under guidance."""
+        rows = self.batch * (2 if self.grid.sampler.cfg_weight else 1)
+        tokens = torch.full((1, model.num_tokens), model.mask_id, device=self.device)
+        T = model.embed_sequence(tokens, self.cond[:1]).hidden.shape[1]
+        with self.autocast():
+            kind = self.device.type
+            dtype = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
+                     else next(model.parameters()).dtype)
+        shape = model.layer_shape()
+        layer = rows * T * (2 * shape.width + 3 * shape.mlp_hidden) * dtype.itemsize
+        head = rows * model.num_tokens * shape.vocab * 4 * 4
+        return max(layer, head) / 2**20
 
     def runs(self, point: GridPoint) -> list[int]:
-        """The depths `point` runs at: the two composing ones, and D if it is run whole."""
+        """The depths `point` runs at: the two composing ones, and the check depth if it is run
+        whole."""
         d1, d2 = self.models.depths
-        return [d1, d2] + ([self.models.depth] if f"{point.name} {point.label}" in self.whole else [])
+        whole = f"{point.name} {point.label}" in self.whole
+        return [d1, d2] + ([self.models.check_depth] if whole else [])
 
-    def generate(self, point: GridPoint, depth: int) -> tuple[Run, torch.Tensor]:
+    def generate(self, point: GridPoint, depth: int, compiled: bool = False) -> tuple[Run, torch.Tensor]:
         model = self.models.models[depth]
-        clock = StepClock(point.source(model, self.shortcut), self.device)
-        result = generate(model, clock, self.cond, point.steps, sampler=self.grid.sampler,
-                          schedule=point.method.schedule or self.grid.schedule, seed=self.seed,
-                          observers=[clock], autocast=self.autocast)
-        return Run(clock.step_ms(), clock.kinds, 0.0, result.counts), result.tokens
+        twins = self.twins[depth] if compiled else None
+        with using_twins(model, twins) if twins else nullcontext():
+            clock = StepClock(point.source(model, twins.shortcut if twins else self.shortcut), self.device)
+            result = generate(model, clock, self.cond, point.steps, sampler=self.grid.sampler,
+                              schedule=point.method.schedule or self.grid.schedule, seed=self.seed,
+                              observers=[clock], autocast=self.autocast)
+        return Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes), result.tokens
 
     @torch.no_grad()
     def measure(self, progress: Callable | None = None) -> dict:
@@ -205,14 +217,15 @@ class SpeedStudy:
         records: dict[tuple, list] = {}
         last_tokens = {}
 
-        def call(point, depth):
-            run, tokens = self.generate(point, depth)
-            records.setdefault((point, depth), []).append(run)
+        def call(key):                    # (point, depth) or (point, depth, "compiled")
+            run, tokens = self.generate(*key[:2], compiled=len(key) == 3)
+            records.setdefault(key, []).append(run)
             last_tokens["tokens"] = tokens
 
         decoder = self.models.models[self.models.depths[0]]
-        fns: dict[object, Callable] = {(p, d): (lambda p=p, d=d: call(p, d))
-                                       for p in self.points for d in self.runs(p)}
+        keys = [(p, d) for p in self.points for d in self.runs(p)]
+        keys += [(*key, "compiled") for key in keys] if self.twins else []
+        fns: dict[object, Callable] = {key: (lambda key=key: call(key)) for key in keys}
         fns["decode"] = lambda: decoder.decode(last_tokens["tokens"])
         rounds = interleaved_rounds(fns, warmup=self.warmup, rounds=self.rounds,
                                     device=str(self.device), memory=True, progress=progress)
@@ -224,15 +237,13 @@ class SpeedStudy:
 
     def rows(self, measured: dict) -> list[dict]:
         records, rounds = measured["records"], measured["rounds"]
-        D, (d1, d2) = self.models.depth, self.models.depths
-        scale = (D - d1) / (d2 - d1)
+        D, (d1, d2), C = self.models.depth, self.models.depths, self.models.check_depth
+        scale = self.models.scale(D)
 
-        def composed(point, r):                   # step ms at depth D in round r
-            a, b = records[(point, d1)][r].step_ms, records[(point, d2)][r].step_ms
-            return [x + scale * (y - x) for x, y in zip(a, b)]
-
-        def total(point, r):
-            return sum(composed(point, r)) + records[(point, d1)][r].decode_ms
+        def total(point, r, depth=D, *variant):   # ms at `depth` in round r, composed
+            a, b = (records[(point, d, *variant)][r] for d in (d1, d2))
+            steps = compose(a.step_ms, b.step_ms, b.kinds, self.models.scale(depth))
+            return sum(steps) + records[(point, d1)][r].decode_ms
 
         ref = [total(self.reference, r) for r in range(self.rounds)]
         ref_base = self.costs(self.reference, records)["base_call_ms"]   # every point's ideal uses it
@@ -245,21 +256,29 @@ class SpeedStudy:
                     "budget": dict(point.knobs).get("budgets", point.steps),
                     **{k: v for k, v in point.values.items() if k != "steps"},
                     "weights": "random", "base_kind": self.models.kind, "depth": D,
-                    "composed_from": f"depths {d1},{d2}", "batch": self.batch,
+                    "composed_from": self.models.composed_from, "batch": self.batch,
                     "latency_ms_per_image": statistics.median(totals) / self.batch,
                     "speedup": statistics.median(ratios), "speedup_min": min(ratios),
                     "speedup_max": max(ratios), "reference_steps": self.grid.reference_steps,
-                    **records[(point, d1)][0].counts, **self.memory(point, rounds, scale)}
+                    **records[(point, d2)][0].counts, **self.memory(point, records, rounds, scale)}
             row["ideal_speedup"] = ideal_speedup(self.reference.steps, ref_base, point.steps,
                                                  row["base_flops_fraction"], row["shortcut_calls"],
                                                  row.get("shortcut_call_ms") or 0.0)
             row["measured_over_ideal"] = (row["speedup"] / row["ideal_speedup"]
                                           if row["ideal_speedup"] else None)
-            if (point, D) in records and D not in (d1, d2):
-                whole = [sum(run.step_ms) + run.decode_ms for run in records[(point, D)]]
+            if (point, C) in records:
+                whole = [sum(run.step_ms) + run.decode_ms for run in records[(point, C)]]
+                row["measured_depth"] = C
                 row["measured_latency_ms_per_image"] = statistics.median(whole) / self.batch
-                row["composed_over_measured"] = row["latency_ms_per_image"] / row["measured_latency_ms_per_image"]
+                composed_c = statistics.median(total(point, r, C) for r in range(self.rounds)) / self.batch
+                row["composed_over_measured"] = composed_c / row["measured_latency_ms_per_image"]
                 row["within_5pct"] = abs(row["composed_over_measured"] - 1) <= 0.05
+            if self.twins:
+                compiled = [total(point, r, D, "compiled") for r in range(self.rounds)]
+                ref_c = [total(self.reference, r, D, "compiled") for r in range(self.rounds)]
+                row |= {"compiled_latency_ms_per_image": statistics.median(compiled) / self.batch,
+                        "compiled_speedup": statistics.median(a / b for a, b in zip(ref_c, compiled)),
+                        "compile_gain": statistics.median(a / b for a, b in zip(totals, compiled))}
             row |= paper_row(self.models.kind, point.name, point.label)
             if "paper_speedup" in row:
                 row["ours_over_paper"] = row["speedup"] / row["paper_speedup"]
@@ -275,11 +294,12 @@ class SpeedStudy:
         a base call (a full step less that) and a shortcut call (a shortcut step less that)."""
         d1, d2 = self.models.depths
         runs1, runs2 = records[(point, d1)], records[(point, d2)]
-        kinds = runs1[0].kinds
+        kinds = runs2[0].kinds      # the deeper run's: with no layer a cache is empty, and a
+                                    # method may take every step for its first, full one
         per_step = [statistics.median(r.step_ms[i] for r in runs1) for i in range(len(kinds))]
         per_step2 = [statistics.median(r.step_ms[i] for r in runs2) for i in range(len(kinds))]
         slope = [(b - a) / (d2 - d1) for a, b in zip(per_step, per_step2)]
-        at_D = [a + (self.models.depth - d1) * s for a, s in zip(per_step, slope)]
+        at_D = compose(per_step, per_step2, kinds, self.models.scale(self.models.depth))
         by_kind: dict[str, list[float]] = {}
         for kind, ms in zip(kinds, at_D):
             by_kind.setdefault(kind, []).append(ms)
@@ -294,18 +314,34 @@ class SpeedStudy:
             out["shortcut_call_ms"] = out["step_ms"]["shortcut_calls"] - fixed
         return out
 
-    def memory(self, point: GridPoint, rounds, scale: float) -> dict:
+    def memory(self, point: GridPoint, records: dict, rounds, scale: float) -> dict:
         """Weights at depth D plus the peak a generation allocates above them, composed from the
-        two depths (measured at D where the point runs whole)."""
+        two depths (and, where the point runs whole, measured and composed at the check depth);
+        beside it the estimate from tensor sizes: weights + what the method holds between steps
+        (counted, affine in depth) + what one step allocates for itself (`_transient_mib`)."""
         d1, d2 = self.models.depths
         above = [rounds.peaks.get((point, d), (None, None))[1] for d in (d1, d2)]
         if None in above:
             return {}
         weights = self.models.weights_mib[self.models.depth]
+        held = [records[(point, d)][0].held_bytes / 2**20 for d in (d1, d2)]
+
+        def estimate(depth: int) -> float:          # weights + caches (affine in depth) + a step's own
+            held_at = held[0] + self.models.scale(depth) * (held[1] - held[0])
+            return self.models.weights_mib[depth] + held_at + self.transient_mib
+
         out = {"weights_mib": round(weights, 1),
-               "peak_memory_mib": round(weights + above[0] + scale * (above[1] - above[0]), 1)}
-        if (point, self.models.depth) in rounds.peaks and self.models.depth not in (d1, d2):
-            out["measured_peak_memory_mib"] = round(weights + rounds.peaks[(point, self.models.depth)][1], 1)
+               "peak_memory_mib": round(weights + above[0] + scale * (above[1] - above[0]), 1),
+               "held_mib": round(held[0] + scale * (held[1] - held[0]), 1),
+               "estimated_peak_memory_mib": round(estimate(self.models.depth), 1)}
+        out["estimated_over_composed"] = round(out["estimated_peak_memory_mib"] / out["peak_memory_mib"], 3)
+        C = self.models.check_depth
+        if C is not None and (point, C) in rounds.peaks:
+            at_c = self.models.weights_mib[C]
+            out["measured_peak_memory_mib"] = round(at_c + rounds.peaks[(point, C)][1], 1)
+            out["composed_peak_at_measured_depth_mib"] = round(
+                at_c + above[0] + self.models.scale(C) * (above[1] - above[0]), 1)
+            out["estimated_over_measured"] = round(estimate(C) / out["measured_peak_memory_mib"], 3)
         return out
 
 

@@ -228,4 +228,5 @@ class LayerShape:
 def flop_share(shape: LayerShape, stream: Stream, spent: float) -> float:
     """`spent` base FLOPs of one step over those of a full base call on the same batch."""
     B, T = stream.hidden.shape[:2]
-    return spent / shape.call(B, T, stream.grid.shape[1])
+    total = shape.call(B, T, stream.grid.shape[1])
+    return spent / total if total else 0.0      # a base cut to no layers (speed's depth 0)
