@@ -183,7 +183,8 @@ class SpeedStudy:
         confidences). Rows: the batch, twice under guidance."""
         rows = self.batch * (2 if self.grid.sampler.cfg_weight else 1)
         tokens = torch.full((1, model.num_tokens), model.mask_id, device=self.device)
-        T = model.embed_sequence(tokens, self.cond[:1]).hidden.shape[1]
+        with torch.no_grad():
+            T = model.embed_sequence(tokens, self.cond[:1]).hidden.shape[1]      # sequence rows
         with self.autocast():
             kind = self.device.type
             dtype = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind)
