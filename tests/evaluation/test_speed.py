@@ -17,6 +17,7 @@ from migm.evaluation.grid import GridConfig
 from migm.evaluation.speed import SpeedStudy, build_models, random_shortcut
 from migm.models.maskgit import MaskGITConfig
 from migm.shortcut.maskgit_official import MaskGITShortcutConfig
+from migm.gpu_check import SMALL
 from small_bases import DIMOO_64, MASKGIT_64
 
 LAYER_MS, EMBED_MS, SHORTCUT_MS, DECODE_MS = 10.0, 3.0, 2.0, 50.0
@@ -189,7 +190,7 @@ def test_one_layer_on_the_shipped_dimoo_study_names_each_cached_step(tmp_path):
     name, and the whole run at the check depth 2 stands beside its composition."""
     out = tmp_path / "speed.jsonl"
     main(["speed", "--study", str(REPO_ROOT / "configs" / "dimoo.yaml"), "--base_config", json.dumps(DIMOO_64),
-          "--network", json.dumps({"feature_dim": 32, "vocab_size": 16, "num_tokens": 64, "heads": 4}),
+          "--network", json.dumps(SMALL["dimoo"]["network"]),
           "--batch", "1", "--rounds", "1", "--warmup", "0", "--depths", "[0, 1]", "--check_depth", "2",
           "--points", "[dllm_cache N64/Kp10/Kr5 rho0]", "--whole", "[dllm_cache N64/Kp10/Kr5 rho0]",
           "--out", str(out)])
