@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from migm.accel.method import Vanilla
+from migm.accel.ml_cache import MLCache
 from migm.accel.shortcut import Shortcut
 from migm.cli import REPO_ROOT, main
 from migm.evaluation import latency, speed, step_clock
@@ -117,6 +118,50 @@ def test_one_layer_composition_checked_at_a_smaller_depth_is_exact_where_layers_
         models.weights_mib[4] + study.transient_mib, abs=0.1)
     with pytest.raises(ValueError, match=r"speed.check_depth: .*\(1 < depth <= 4\), got 1"):
         build_models("maskgit", config, (0, 1), whole=True, check_depth=1)
+
+
+def test_plain_full_steps_share_one_layer_cost_and_a_caches_keep_their_own(clock):
+    """While the shortcut point runs at depth 2 its layers cost EXTRA more (as if the machine
+    slowed then): its own full steps read LAYER_MS + 2 EXTRA a layer, vanilla's LAYER_MS, and
+    both points compose their full steps with the mean over all 22 plain full steps. ML-Cache's
+    full steps store a cache, so they keep their own readings: exact against its whole run."""
+    extra = 4.0
+    config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
+    models = build_models("maskgit", config, (1, 2), whole=True)
+    slow = {"on": False}
+    for model in models.models.values():
+        for block in model.transformer.blocks:       # the MLP: the cache's per-layer path runs it too
+            block.mlp.register_forward_hook(lambda *_: setattr(clock, "now", clock.now + (
+                LAYER_MS + extra * slow["on"]) / 1000))
+        model.transformer.tok_emb.register_forward_hook(clock.spend(EMBED_MS))
+        model.vqgan.register_forward_hook(clock.spend(DECODE_MS))
+    shortcut = random_shortcut(MaskGITShortcutConfig(feature_dim=32, vocab_size=16, num_tokens=64, heads=4))
+    shortcut.register_forward_hook(clock.spend(SHORTCUT_MS))
+    grid = GridConfig(methods=[Vanilla(steps=[15]), Shortcut(steps=[15], budgets=[7], plan="official"),
+                               MLCache(steps=[15], warmup_ratio=[0.1], refresh_interval=[5])],
+                      reference_steps=15)
+    study = SpeedStudy(models, shortcut, grid, 1, whole=["ml_cache N15/w0.1/r5/c0.9"], rounds=2)
+    generate = study.generate
+
+    def timed(point, depth, compiled=False):
+        slow["on"] = point.name == "shortcut" and depth == 2
+        try:
+            return generate(point, depth, compiled)
+        finally:
+            slow["on"] = False
+
+    study.generate = timed
+    rows = {r["method"]: r for r in study.rows(study.measure())}
+    v, s, m = rows["vanilla"], rows["shortcut"], rows["ml_cache"]
+    assert v["full_layer_ms"] == pytest.approx(LAYER_MS) and s["full_layer_ms"] == pytest.approx(LAYER_MS + 2 * extra)
+    pooled = (15 * LAYER_MS + 7 * (LAYER_MS + 2 * extra)) / 22
+    assert v["pooled_full_layer_ms"] == pytest.approx(pooled) == s["pooled_full_layer_ms"]
+    full = LAYER_MS + EMBED_MS + 3 * pooled              # depth 1's step, three pooled layers more
+    v15, short = 15 * full + DECODE_MS, 7 * full + 8 * SHORTCUT_MS + DECODE_MS
+    assert v["latency_ms_per_image"] == pytest.approx(v15) and s["latency_ms_per_image"] == pytest.approx(short)
+    assert s["speedup"] == pytest.approx(v15 / short) and s["base_call_ms"] == pytest.approx(4 * pooled)
+    assert "pooled_full_layer_ms" not in m and m["full_layer_ms"] == pytest.approx(LAYER_MS)
+    assert m["composed_over_measured"] == pytest.approx(1.0)
 
 
 def test_a_shortcut_step_is_the_mean_of_its_two_readings_not_extrapolated():

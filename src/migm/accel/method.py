@@ -66,6 +66,9 @@ class Method:
 
     name: ClassVar[str] = "method"
     needs_shortcut: ClassVar[bool] = False      # True: `test` must supply trained shortcut weights
+    # True: its full steps are one plain call of the base, storing nothing per layer, so they
+    # cost what every other such method's full steps cost (evaluation/speed.py pools them)
+    plain_base_steps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -121,6 +124,7 @@ class Vanilla(Method):
     """The base model at every step: few-step vanilla is the first baseline of every table."""
 
     name: ClassVar[str] = "vanilla"
+    plain_base_steps: ClassVar[bool] = True
 
     def check(self, steps: int, **knobs) -> None:
         super().check(steps)
@@ -153,6 +157,8 @@ class PlannedMethod(Method):
     plan: PlanName = "uniform"
     plan_power: float = 1.0
     calibrate: int = 0
+
+    plain_base_steps: ClassVar[bool] = True      # a base step is the base's own forward
 
     def check(self, steps: int, budgets: int, **knobs) -> None:
         super().check(steps)

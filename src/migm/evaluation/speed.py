@@ -13,7 +13,10 @@ step i at the real depth D is
 
 except a step that runs no base layer (a shortcut step), whose cost is the mean of its two
 measurements: its true slope is zero, and extrapolating a difference of two noisy readings
-would multiply their noise by (D - d1) / (d2 - d1).
+would multiply their noise by (D - d1) / (d2 - d1). And a plain full step (vanilla's, the
+shortcut's base steps) is the same layers on the same sequence in every method, so in each round
+all of them share one difference t_d2 - t_d1, their mean: a point with few base steps does not
+inherit the noise of its own few readings, multiplied as above (`SpeedStudy.pooled`).
 
 A row is `composed_from: depths d1,d2`; depths 0 and 1 (the base with no layer, then with one
 real layer, at the real sequence) are `composed_from: one_layer`, what a base too big to run
@@ -130,11 +133,15 @@ def random_shortcut(network_config, seed: int = 0, device: str | torch.device = 
 DEPTH_FREE = {"shortcut_calls"}
 
 
-def compose(a: list[float], b: list[float], kinds: list[str], s: float) -> list[float]:
+def compose(a: list[float], b: list[float], kinds: list[str], s: float,
+            pooled: dict[str, float] | None = None) -> list[float]:
     """Each step's ms at the depth a fraction `s` along the line from depth d1 (`a`) to d2 (`b`).
     A depth-free step costs the same at both, so it is the mean of its two measurements:
-    extrapolating their difference would only multiply the noise by s (31x for one_layer)."""
-    return [(x + y) / 2 if k in DEPTH_FREE else x + s * (y - x) for x, y, k in zip(a, b, kinds)]
+    extrapolating their difference would only multiply the noise by s (31x for one_layer). A
+    step whose kind is in `pooled` takes that d2 - d1 difference instead of its own."""
+    pooled = pooled or {}
+    return [(x + y) / 2 if k in DEPTH_FREE else x + s * pooled.get(k, y - x)
+            for x, y, k in zip(a, b, kinds)]
 
 
 class SpeedStudy:
@@ -243,7 +250,8 @@ class SpeedStudy:
 
         def total(point, r, depth=D, *variant):   # ms at `depth` in round r, composed
             a, b = (records[(point, d, *variant)][r] for d in (d1, d2))
-            steps = compose(a.step_ms, b.step_ms, b.kinds, self.models.scale(depth))
+            pooled = self.pooled(records, r, *variant) if point.method.plain_base_steps else None
+            steps = compose(a.step_ms, b.step_ms, b.kinds, self.models.scale(depth), pooled)
             return sum(steps) + records[(point, d1)][r].decode_ms
 
         ref = [total(self.reference, r) for r in range(self.rounds)]
@@ -289,18 +297,42 @@ class SpeedStudy:
             out.append(row)
         return out
 
+    def pooled(self, records: dict, r: int, *variant) -> dict[str, float]:
+        """{"full": the mean d2 - d1 difference of every plain full step of round r} (vanilla's
+        steps, the shortcut's base steps: `Method.plain_base_steps`), or {} if none ran.
+
+        Such a step is the same layers on the same sequence whichever method takes it, so its
+        per-layer cost is one number, and every plain point composes its full steps with it
+        rather than with its own few readings: a point with 9 base steps would otherwise carry
+        the noise of 9 readings (and whatever the machine did while they ran) times 31 at
+        one_layer, and its speedup would compare that against the reference's 64. A cache's full
+        step also stores its cache per layer, so it keeps its own."""
+        d1, d2 = self.models.depths
+        diffs = []
+        for p in self.points:
+            if p.method.plain_base_steps:
+                a, b = (records[(p, d, *variant)][r] for d in (d1, d2))
+                diffs += [y - x for x, y, k in zip(a.step_ms, b.step_ms, b.kinds) if k == "full"]
+        return {"full": statistics.mean(diffs)} if diffs else {}
+
     def costs(self, point: GridPoint, records: dict) -> dict:
         """The point's step costs at depth D by kind (medians over rounds of each step), the
         fixed per-step cost (a full step's cost at depth 0: embeddings, head, guidance, sampler),
-        a base call (a full step less that) and a shortcut call (a shortcut step less that)."""
+        a base call (a full step less that) and a shortcut call (a shortcut step less that);
+        `full_layer_ms`, what one layer of its own full steps cost, beside the pooled one that
+        composed them (`pooled_full_layer_ms`, plain points only)."""
         d1, d2 = self.models.depths
         runs1, runs2 = records[(point, d1)], records[(point, d2)]
         kinds = runs2[0].kinds      # the deeper run's: with no layer a cache is empty, and a
                                     # method may take every step for its first, full one
         per_step = [statistics.median(r.step_ms[i] for r in runs1) for i in range(len(kinds))]
         per_step2 = [statistics.median(r.step_ms[i] for r in runs2) for i in range(len(kinds))]
-        slope = [(b - a) / (d2 - d1) for a, b in zip(per_step, per_step2)]
-        at_D = compose(per_step, per_step2, kinds, self.models.scale(self.models.depth))
+        pooled = {}
+        if point.method.plain_base_steps and (rounds := [self.pooled(records, r) for r in range(len(runs1))])[0]:
+            pooled = {"full": statistics.median(p["full"] for p in rounds)}
+        own = [(b - a) / (d2 - d1) for a, b in zip(per_step, per_step2)]
+        slope = [pooled[k] / (d2 - d1) if k in pooled else x for x, k in zip(own, kinds)]
+        at_D = compose(per_step, per_step2, kinds, self.models.scale(self.models.depth), pooled)
         by_kind: dict[str, list[float]] = {}
         for kind, ms in zip(kinds, at_D):
             by_kind.setdefault(kind, []).append(ms)
@@ -313,6 +345,10 @@ class SpeedStudy:
                "decode_ms": statistics.median(r.decode_ms for r in runs1)}
         if "shortcut_calls" in by_kind and fixed is not None:
             out["shortcut_call_ms"] = out["step_ms"]["shortcut_calls"] - fixed
+        if full:
+            out["full_layer_ms"] = statistics.mean(own[i] for i in full)
+        if pooled:
+            out["pooled_full_layer_ms"] = pooled["full"] / (d2 - d1)
         return out
 
     def memory(self, point: GridPoint, records: dict, rounds, scale: float) -> dict:
