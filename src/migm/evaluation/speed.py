@@ -327,9 +327,8 @@ class SpeedStudy:
                                     # method may take every step for its first, full one
         per_step = [statistics.median(r.step_ms[i] for r in runs1) for i in range(len(kinds))]
         per_step2 = [statistics.median(r.step_ms[i] for r in runs2) for i in range(len(kinds))]
-        pooled = {}
-        if point.method.plain_base_steps and (rounds := [self.pooled(records, r) for r in range(len(runs1))])[0]:
-            pooled = {"full": statistics.median(p["full"] for p in rounds)}
+        pooled = ({"full": statistics.median(self.pooled(records, r)["full"] for r in range(len(runs1)))}
+                  if point.method.plain_base_steps else {})     # the reference vanilla is always plain
         own = [(b - a) / (d2 - d1) for a, b in zip(per_step, per_step2)]
         slope = [pooled[k] / (d2 - d1) if k in pooled else x for x, k in zip(own, kinds)]
         at_D = compose(per_step, per_step2, kinds, self.models.scale(self.models.depth), pooled)
