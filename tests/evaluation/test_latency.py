@@ -2,6 +2,9 @@
 says, so every number below is exact on a machine of any load (a timing test on a real clock is
 a benchmark, and fails when the machine is busy)."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -80,6 +83,27 @@ def test_peak_memory_sees_a_large_allocation():
                                 rounds=1, warmup=0, memory=True)
     assert rounds.peaks["alloc"][1] > 100            # 256 MiB of float32 above the start
     assert rounds.peaks["none"][1] < 100
+
+
+REUSE = """
+import torch
+from migm.evaluation.latency import interleaved_rounds
+
+def alloc():
+    xs = [torch.ones(2**18) for _ in range(256)]        # 256 MiB of float32 in 1 MiB tensors
+    return sum(x[0] for x in xs)
+
+print(interleaved_rounds({"alloc": alloc}, rounds=1, warmup=1, memory=True).peaks["alloc"][1])
+"""
+
+
+def test_peak_memory_sees_allocations_that_reuse_an_earlier_calls_freed_heap():
+    """A long generation run after others reuses heap pages they freed, and the allocator keeps
+    such pages (here made certain: glibc told to serve 1 MiB from the heap and never trim it), so
+    the resident set does not grow: the reading must hand them back first to see the 256 MiB."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+    out = subprocess.run([sys.executable, "-c", REUSE], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) > 200
 
 
 def test_progress_ticks_once_per_call_and_closes():
