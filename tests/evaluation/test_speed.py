@@ -88,7 +88,6 @@ def test_composed_latency_is_the_whole_runs_where_layers_cost_the_same(clock):
     # less the decode every point pays once after its steps
     assert s["generation_speedup"] == pytest.approx(15 * full / (7 * full + 8 * SHORTCUT_MS))
     assert s["generation_over_ideal"] == pytest.approx(s["generation_speedup"] / s["ideal_speedup"])
-    assert s["generation_speedup"] > s["speedup"]
     assert s["composed_from"] == "depths 1,2" and s["depth"] == 4 and s["weights"] == "random"
     # weights grow one layer at a time: depth 4's are depth 1's plus three layers
     w = {d: speed.weights_mib(m) for d, m in models.models.items()}
