@@ -277,8 +277,8 @@ class SpeedStudy:
             row["measured_over_ideal"] = (row["speedup"] / row["ideal_speedup"]
                                           if row["ideal_speedup"] else None)
             # the same, less the decode: the ideal counts the generation's calls only, and the
-            # decode is one fixed cost every point pays after it (4.5 s an image at 512x512 on a
-            # CPU, 1.3 MaskGIT-512 base calls), so it pulls measured/ideal down by the share of it
+            # decode is one fixed cost every point pays after it (on a CPU a 512x512 VQGAN decode
+            # outweighs a MaskGIT-512 base call), pulling measured/ideal down by its share
             row["generation_speedup"] = statistics.median(
                 a / total(point, r, decode=False) for r, a in enumerate(ref_gen))
             row["generation_over_ideal"] = (row["generation_speedup"] / row["ideal_speedup"]
