@@ -10,7 +10,6 @@ and is outvoted by the others. The load average and the thread count are recorde
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import os
 import statistics
@@ -182,8 +181,8 @@ def _release_freed_memory() -> None:
     call's own allocations show as growth. A no-op where the C library has no `malloc_trim`."""
     gc.collect()
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).malloc_trim(0)        # the C library this process already runs on
+    except (OSError, AttributeError):
         pass
 
 

@@ -248,14 +248,14 @@ class SpeedStudy:
         D, (d1, d2), C = self.models.depth, self.models.depths, self.models.check_depth
         scale = self.models.scale(D)
 
-        def total(point, r, depth=D, *variant, decode=True):   # ms at `depth` in round r, composed
+        def total(point, r, depth=D, *variant):   # ms at `depth` in round r, composed
             a, b = (records[(point, d, *variant)][r] for d in (d1, d2))
             pooled = self.pooled(records, r, *variant) if point.method.plain_base_steps else None
             steps = compose(a.step_ms, b.step_ms, b.kinds, self.models.scale(depth), pooled)
-            return sum(steps) + (records[(point, d1)][r].decode_ms if decode else 0.0)
+            return sum(steps) + records[(point, d1)][r].decode_ms
 
         ref = [total(self.reference, r) for r in range(self.rounds)]
-        ref_gen = [total(self.reference, r, decode=False) for r in range(self.rounds)]
+        decode = [records[(self.reference, d1)][r].decode_ms for r in range(self.rounds)]  # one a round
         ref_base = self.costs(self.reference, records)["base_call_ms"]   # every point's ideal uses it
         out = []
         for point in self.points:
@@ -280,7 +280,7 @@ class SpeedStudy:
             # decode is one fixed cost every point pays after it (on a CPU a 512x512 VQGAN decode
             # outweighs a MaskGIT-512 base call), pulling measured/ideal down by its share
             row["generation_speedup"] = statistics.median(
-                a / total(point, r, decode=False) for r, a in enumerate(ref_gen))
+                (a - d) / (t - d) for a, t, d in zip(ref, totals, decode))
             row["generation_over_ideal"] = (row["generation_speedup"] / row["ideal_speedup"]
                                             if row["ideal_speedup"] else None)
             if (point, C) in records:
