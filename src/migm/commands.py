@@ -246,7 +246,7 @@ def _data_bench(source: Path, work: Path, base: str, tokenizer: str) -> list[dic
 def speed(study: str | None = None, overrides: list[str] = [], batch: int | None = None, depths: list[int] = [1, 2],
           whole: list[str] = [], check_depth: int | None = None, points: list[str] | None = None,
           rounds: int = 3, warmup: int = 1, compile: bool = False, compile_backend: str = "inductor",
-          drift_every: int = 8, base_config: dict | None = None, network: dict | None = None, device: str = "cpu",
+          base_config: dict | None = None, network: dict | None = None, device: str = "cpu",
           precision: Literal["16-mixed", "bf16-mixed", "32-true"] | None = None, seed: int = 0,
           out: Path = Path("runs/speed/speed.jsonl")) -> list[dict]:
     """Latency, speedup and memory of every grid point of a study config at its base's real size,
@@ -272,8 +272,6 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
             (sampling/compiled.py), in the same rounds: rows gain compiled latency and speedup.
         compile_backend: torch.compile's backend (inductor; aot_eager traces without generating
             code, a quick check that every block and the shortcut compile whole).
-        drift_every: a cache's composing runs also time a plain base forward every this many
-            steps, and its row is priced at the round's mean machine speed (drift_factor; 0: off).
         base_config: fields of the base's config to override (a smaller grid, fewer heads).
         network: fields of the shortcut network's config to override (its init_args).
         device: cpu or cuda.
@@ -309,7 +307,7 @@ def speed(study: str | None = None, overrides: list[str] = [], batch: int | None
         shortcut = random_shortcut(sections["network"], seed, device)
     study = SpeedStudy(models, shortcut, grid, batch or grid.latency_batch, whole=whole,
                        rounds=rounds, warmup=warmup, seed=seed, autocast=autocast, only=points,
-                       compile=compile, compile_backend=compile_backend, drift_every=drift_every)
+                       compile=compile, compile_backend=compile_backend)
     print(f"speed: {kind} at depth {models.depth} composed from {models.composed_from}, "
           f"{any_model.num_tokens} tokens, batch {study.batch}, {len(study.points)} points, "
           f"{rounds} rounds on {device}")

@@ -123,10 +123,12 @@ def test_one_layer_composition_checked_at_a_smaller_depth_is_exact_where_layers_
         build_models("maskgit", config, (0, 1), whole=True, check_depth=1)
 
 
-def _rows_with_a_slow_spell(clock, slow_method: str | None, extra: float, drift_every: int = 8) -> dict:
-    """Vanilla 15, shortcut 15/7 and ML-Cache 15 composed from depths 1 and 2, on a clock where
-    every block costs LAYER_MS, except while `slow_method` runs at depth 2, when it costs EXTRA
-    more (as if the machine slowed then). ML-Cache also runs whole at depth 4."""
+def test_plain_full_steps_share_one_layer_cost_and_a_caches_keep_their_own(clock):
+    """While the shortcut point runs at depth 2 its layers cost EXTRA more (as if the machine
+    slowed then): its own full steps read LAYER_MS + 2 EXTRA a layer, vanilla's LAYER_MS, and
+    both points compose their full steps with the mean over all 22 plain full steps. ML-Cache's
+    full steps store a cache, so they keep their own readings: exact against its whole run."""
+    extra = 4.0
     config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
     models = build_models("maskgit", config, (1, 2), whole=True)
     slow = {"on": False}
@@ -141,28 +143,18 @@ def _rows_with_a_slow_spell(clock, slow_method: str | None, extra: float, drift_
     grid = GridConfig(methods=[Vanilla(steps=[15]), Shortcut(steps=[15], budgets=[7], plan="official"),
                                MLCache(steps=[15], warmup_ratio=[0.1], refresh_interval=[5])],
                       reference_steps=15)
-    study = SpeedStudy(models, shortcut, grid, 1, whole=["ml_cache N15/w0.1/r5/c0.9"], rounds=2,
-                       drift_every=drift_every)
+    study = SpeedStudy(models, shortcut, grid, 1, whole=["ml_cache N15/w0.1/r5/c0.9"], rounds=2)
     generate = study.generate
 
     def timed(point, depth, compiled=False):
-        slow["on"] = point.name == slow_method and depth == 2
+        slow["on"] = point.name == "shortcut" and depth == 2
         try:
             return generate(point, depth, compiled)
         finally:
             slow["on"] = False
 
     study.generate = timed
-    return {r["method"]: r for r in study.rows(study.measure())}
-
-
-def test_plain_full_steps_share_one_layer_cost_and_a_caches_keep_their_own(clock):
-    """While the shortcut point runs at depth 2 its layers cost EXTRA more: its own full steps
-    read LAYER_MS + 2 EXTRA a layer, vanilla's LAYER_MS, and both points compose their full
-    steps with the mean over all 22 plain full steps. ML-Cache's full steps store a cache, so
-    they keep their own readings: exact against its whole run."""
-    extra = 4.0
-    rows = _rows_with_a_slow_spell(clock, "shortcut", extra)
+    rows = {r["method"]: r for r in study.rows(study.measure())}
     v, s, m = rows["vanilla"], rows["shortcut"], rows["ml_cache"]
     assert v["full_layer_ms"] == pytest.approx(LAYER_MS) and s["full_layer_ms"] == pytest.approx(LAYER_MS + 2 * extra)
     pooled = (15 * LAYER_MS + 7 * (LAYER_MS + 2 * extra)) / 22
@@ -173,31 +165,6 @@ def test_plain_full_steps_share_one_layer_cost_and_a_caches_keep_their_own(clock
     assert s["speedup"] == pytest.approx(v15 / short) and s["base_call_ms"] == pytest.approx(4 * pooled)
     assert "pooled_full_layer_ms" not in m and m["full_layer_ms"] == pytest.approx(LAYER_MS)
     assert m["composed_over_measured"] == pytest.approx(1.0)
-    # the plain points carry no reference forwards: pooling already prices their full steps
-    assert "drift_factor" not in v and "drift_factor" not in s
-
-
-def test_a_caches_row_is_priced_at_the_rounds_speed_by_plain_forwards_timed_beside_it(clock):
-    """While ML-Cache runs at depth 2 every layer costs EXTRA more, its cache's steps and the
-    plain forwards timed beside them alike: the reference reads LAYER_MS + 2 EXTRA a layer, the
-    plain points LAYER_MS, and the corrected row is the row of a steady machine, its whole run
-    included; from its own readings alone it would be slower by the spell."""
-    extra = 4.0
-    steady = _rows_with_a_slow_spell(clock, None, 0.0)
-    rows = _rows_with_a_slow_spell(clock, "ml_cache", extra)
-    m, m0 = rows["ml_cache"], steady["ml_cache"]
-    assert m["reference_layer_ms"] == pytest.approx(LAYER_MS + 2 * extra)
-    assert m["drift_factor"] == pytest.approx(LAYER_MS / (LAYER_MS + 2 * extra))
-    assert m0["drift_factor"] == pytest.approx(1.0) and m0["composed_over_measured"] == pytest.approx(1.0)
-    for key in ("latency_ms_per_image", "speedup", "base_call_ms"):
-        assert m[key] == pytest.approx(m0[key])
-    assert m["step_ms"] == pytest.approx(m0["step_ms"])
-    # without the correction its slow depth-2 readings, times 3 from depth 2 to 4, stay in the row
-    assert m["uncorrected_speedup"] == pytest.approx(rows["vanilla"]["latency_ms_per_image"] / (
-        m0["latency_ms_per_image"] + 3 * sum(m["step_counts"].values()) * 2 * extra))
-    # off, the row is its own readings'
-    off = _rows_with_a_slow_spell(clock, "ml_cache", extra, drift_every=0)["ml_cache"]
-    assert "drift_factor" not in off and off["speedup"] == pytest.approx(m["uncorrected_speedup"])
 
 
 def test_a_shortcut_step_is_the_mean_of_its_two_readings_not_extrapolated():
@@ -233,8 +200,6 @@ def test_a_depth_outside_the_base_or_an_unknown_point_is_named():
         SpeedStudy(models, None, grid, 1, whole=["vanilla N9"])
     with pytest.raises(ValueError, match="speed.points: 'shortcut N8/B2' is not a point"):
         SpeedStudy(models, None, grid, 1, only=["shortcut N8/B2"])
-    with pytest.raises(ValueError, match=r"speed.drift_every: .* >= 0 \(0 = off\), got -1"):
-        SpeedStudy(models, None, grid, 1, drift_every=-1)
 
 
 @pytest.mark.parametrize("study, base_config, network", [

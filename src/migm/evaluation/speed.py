@@ -18,17 +18,6 @@ shortcut's base steps) is the same layers on the same sequence in every method, 
 all of them share one difference t_d2 - t_d1, their mean: a point with few base steps does not
 inherit the noise of its own few readings, multiplied as above (`SpeedStudy.pooled`).
 
-A cache's full step also writes its cache, so it cannot share that difference; but a point's runs
-take minutes, and a shared machine can run a tenth or a third slower for all of them, which
-composing to 32 layers then carries into its row whole. So beside a cache's own steps the clock
-times a plain base forward every `drift_every` steps (`StepClock.reference_ms`): the same work
-as a plain full step's layers, read while the machine was as fast or slow as it was for the
-cache's steps. The point's d2 - d1 differences are scaled by `drift_factor`, the pooled plain
-difference over that reference's: its steps are priced as if the machine had run at the round's
-mean speed, while what the cache does differently (its writes, its partial rows) keeps its
-measured weight. The check against a whole run composes without it (that checks the depth
-model, on the point's own readings); `uncorrected_speedup` is the row's speedup without it.
-
 A row is `composed_from: depths d1,d2`; depths 0 and 1 (the base with no layer, then with one
 real layer, at the real sequence) are `composed_from: one_layer`, what a base too big to run
 whole on the machine at hand (DiMOO-8B on a CPU) allows. Points named in `whole` also run whole
@@ -86,7 +75,6 @@ class Run:
     decode_ms: float
     counts: dict = field(default_factory=dict)
     held_bytes: int = 0
-    reference_ms: list[float] = field(default_factory=list)   # plain forwards timed beside it
 
 
 @dataclass
@@ -163,16 +151,10 @@ class SpeedStudy:
                  whole: list[str] = (), rounds: int = 3, warmup: int = 1, seed: int = 0,
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
                  only: list[str] | None = None, compile: bool = False,
-                 compile_backend: str = "inductor", drift_every: int = 8) -> None:
+                 compile_backend: str = "inductor") -> None:
         """`whole`: points ("vanilla N8") also run whole at the check depth; `only`: time just
         these points (and the reference vanilla); `compile`: every run also with the base's
-        blocks and the shortcut compiled (sampling/compiled.py), in the same rounds;
-        `drift_every`: a cache's composing runs time a plain base forward every that many
-        steps, its drift correction (0: none)."""
-        if drift_every < 0:
-            raise ValueError(f"speed.drift_every: steps between reference forwards, >= 0 (0 = off), "
-                             f"got {drift_every}")
-        self.drift_every = drift_every
+        blocks and the shortcut compiled (sampling/compiled.py), in the same rounds."""
         self.models, self.shortcut, self.grid, self.batch = models, shortcut, grid, batch
         self.reference = next(p for p in grid.points() if p.name == "vanilla" and p.steps == grid.reference_steps)
         every = {f"{p.name} {p.label}" for p in grid.points()}
@@ -229,20 +211,12 @@ class SpeedStudy:
     def generate(self, point: GridPoint, depth: int, compiled: bool = False) -> tuple[Run, torch.Tensor]:
         model = self.models.models[depth]
         twins = self.twins[depth] if compiled else None
-        reference = None
-        if (self.drift_every and not point.method.plain_base_steps and not compiled
-                and depth in self.models.depths):
-            def reference(ctx):                 # a plain full step's layers, beside the cache's
-                with self.autocast():
-                    model.features(ctx.tokens, ctx.cond)
         with using_twins(model, twins) if twins else nullcontext():
-            clock = StepClock(point.source(model, twins.shortcut if twins else self.shortcut), self.device,
-                              reference, self.drift_every)
+            clock = StepClock(point.source(model, twins.shortcut if twins else self.shortcut), self.device)
             result = generate(model, clock, self.cond, point.steps, sampler=self.grid.sampler,
                               schedule=point.method.schedule or self.grid.schedule, seed=self.seed,
                               observers=[clock], autocast=self.autocast)
-        return (Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes, clock.reference_ms()),
-                result.tokens)
+        return Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes), result.tokens
 
     @torch.no_grad()
     def measure(self, progress: Callable | None = None) -> dict:
@@ -274,11 +248,10 @@ class SpeedStudy:
         D, (d1, d2), C = self.models.depth, self.models.depths, self.models.check_depth
         scale = self.models.scale(D)
 
-        def total(point, r, depth=D, variant=(), drift=True):   # ms at `depth` in round r, composed
+        def total(point, r, depth=D, *variant):   # ms at `depth` in round r, composed
             a, b = (records[(point, d, *variant)][r] for d in (d1, d2))
             pooled = self.pooled(records, r, *variant) if point.method.plain_base_steps else None
-            g = self.drift(records, point, r) if drift and not variant else 1.0
-            steps = compose(a.step_ms, b.step_ms, b.kinds, g * self.models.scale(depth), pooled)
+            steps = compose(a.step_ms, b.step_ms, b.kinds, self.models.scale(depth), pooled)
             return sum(steps) + records[(point, d1)][r].decode_ms
 
         ref = [total(self.reference, r) for r in range(self.rounds)]
@@ -310,26 +283,16 @@ class SpeedStudy:
                 (a - d) / (t - d) for a, t, d in zip(ref, totals, decode))
             row["generation_over_ideal"] = (row["generation_speedup"] / row["ideal_speedup"]
                                             if row["ideal_speedup"] else None)
-            if records[(point, d2)][0].reference_ms:
-                row["drift_factor"] = statistics.median(self.drift(records, point, r)
-                                                        for r in range(self.rounds))
-                row["reference_layer_ms"] = statistics.median(      # a plain layer, beside it
-                    (statistics.mean(records[(point, d2)][r].reference_ms)
-                     - statistics.mean(records[(point, d1)][r].reference_ms)) / (d2 - d1)
-                    for r in range(self.rounds))
-                row["uncorrected_speedup"] = statistics.median(
-                    a / total(point, r, drift=False) for r, a in enumerate(ref))
             if (point, C) in records:
                 whole = [sum(run.step_ms) + run.decode_ms for run in records[(point, C)]]
                 row["measured_depth"] = C
                 row["measured_latency_ms_per_image"] = statistics.median(whole) / self.batch
-                composed_c = statistics.median(total(point, r, C, drift=False)
-                                               for r in range(self.rounds)) / self.batch
+                composed_c = statistics.median(total(point, r, C) for r in range(self.rounds)) / self.batch
                 row["composed_over_measured"] = composed_c / row["measured_latency_ms_per_image"]
                 row["within_5pct"] = abs(row["composed_over_measured"] - 1) <= 0.05
             if self.twins:
-                compiled = [total(point, r, D, ("compiled",)) for r in range(self.rounds)]
-                ref_c = [total(self.reference, r, D, ("compiled",)) for r in range(self.rounds)]
+                compiled = [total(point, r, D, "compiled") for r in range(self.rounds)]
+                ref_c = [total(self.reference, r, D, "compiled") for r in range(self.rounds)]
                 row |= {"compiled_latency_ms_per_image": statistics.median(compiled) / self.batch,
                         "compiled_speedup": statistics.median(a / b for a, b in zip(ref_c, compiled)),
                         "compile_gain": statistics.median(a / b for a, b in zip(totals, compiled))}
@@ -360,23 +323,6 @@ class SpeedStudy:
                 diffs += [y - x for x, y, k in zip(a.step_ms, b.step_ms, b.kinds) if k == "full"]
         return {"full": statistics.mean(diffs)} if diffs else {}
 
-    def drift(self, records: dict, point: GridPoint, r: int) -> float:
-        """How much faster the machine ran a plain layer in round r on average than while
-        `point` ran: the pooled plain full step's d2 - d1 difference over that of the plain
-        forwards timed beside the point's own steps (1 where none were: a plain point, or
-        `drift_every` 0). Multiplies the point's d2 - d1 differences (the module doc)."""
-        d1, d2 = self.models.depths
-        a, b = (records[(point, d)][r].reference_ms for d in (d1, d2))
-        pooled = self.pooled(records, r)
-        if not (a and b and pooled):
-            return 1.0
-        own = statistics.mean(b) - statistics.mean(a)
-        if own <= 0:
-            raise ValueError(f"speed: {point.name} {point.label}'s reference forwards read no cost for "
-                             f"the layers between depths {d1} and {d2} ({own:.3f} ms): too few "
-                             "layers to time here; use depths further apart")
-        return pooled["full"] / own
-
     def costs(self, point: GridPoint, records: dict) -> dict:
         """The point's step costs at depth D by kind (medians over rounds of each step), the
         fixed per-step cost (a full step's cost at depth 0: embeddings, head, guidance, sampler),
@@ -392,9 +338,8 @@ class SpeedStudy:
         pooled = ({"full": statistics.median(self.pooled(records, r)["full"] for r in range(len(runs1)))}
                   if point.method.plain_base_steps else {})     # the reference vanilla is always plain
         own = [(b - a) / (d2 - d1) for a, b in zip(per_step, per_step2)]
-        g = statistics.median(self.drift(records, point, r) for r in range(len(runs1)))
-        slope = [pooled[k] / (d2 - d1) if k in pooled else g * x for x, k in zip(own, kinds)]
-        at_D = compose(per_step, per_step2, kinds, g * self.models.scale(self.models.depth), pooled)
+        slope = [pooled[k] / (d2 - d1) if k in pooled else x for x, k in zip(own, kinds)]
+        at_D = compose(per_step, per_step2, kinds, self.models.scale(self.models.depth), pooled)
         by_kind: dict[str, list[float]] = {}
         for kind, ms in zip(kinds, at_D):
             by_kind.setdefault(kind, []).append(ms)

@@ -16,19 +16,18 @@ def _num(value, fmt: str = "{:.2f}") -> str:
 def speed_table(rows: list[dict]) -> str:
     """One line per point: our latency and speedup (with its range over rounds), the call-count
     ideal and measured/ideal (with the decode every point pays, and less it: the ideal counts the
-    generation's calls only), a cache's drift factor (its layers priced at the round's mean
-    machine speed: evaluation/speed.py), the paper's speedup and ours over it, composed/measured where the
+    generation's calls only), the paper's speedup and ours over it, composed/measured where the
     point also ran whole, the composed peak memory and the estimate from tensor sizes."""
-    head = ("| point | ms / image | speedup (range) | ideal | measured / ideal | less decode | drift | paper | ours / paper "
+    head = ("| point | ms / image | speedup (range) | ideal | measured / ideal | less decode | paper | ours / paper "
             "| composed / measured | peak MiB | estimated MiB |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         spread = f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
         lines.append(
             f"| {r['method']} {r['label']} | {r['latency_ms_per_image']:.0f} | {spread} "
             f"| {_num(r.get('ideal_speedup'), '{:.2f}x')} | {_num(r.get('measured_over_ideal'))} "
-            f"| {_num(r.get('generation_over_ideal'))} | {_num(r.get('drift_factor'))} "
+            f"| {_num(r.get('generation_over_ideal'))} "
             f"| {_num(r.get('paper_speedup'), '{:.2f}x')} | {_num(r.get('ours_over_paper'))} "
             f"| {_num(r.get('composed_over_measured'), '{:.3f}')} | {_num(r.get('peak_memory_mib'), '{:.0f}')} "
             f"| {_num(r.get('estimated_peak_memory_mib'), '{:.0f}')} |")

@@ -10,7 +10,6 @@ both, without changing what the source computes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -32,22 +31,13 @@ class StepClock(FeatureSource):
     On a GPU the marks are CUDA events read once after the generation, so the loop is never
     synchronised inside its steps; on a CPU they are perf_counter readings. After each step it
     also counts the bytes of the tensors the source keeps for later steps (its caches):
-    `held_bytes`, the largest count, is what a memory estimate is built from.
+    `held_bytes`, the largest count, is what a memory estimate is built from."""
 
-    With a `reference` (a plain base forward on the step's context) it also times that forward
-    every `reference_every` steps, after the step's own mark has closed (`reference_ms`): a
-    yardstick read beside the method's own steps, so that a machine which runs slower or faster
-    while this generation runs can be told apart from what the method costs (speed.py)."""
-
-    def __init__(self, source: FeatureSource, device: torch.device | str,
-                 reference: Callable[[StepContext], object] | None = None,
-                 reference_every: int = 8) -> None:
+    def __init__(self, source: FeatureSource, device: torch.device | str) -> None:
         self.source, self.cuda = source, torch.device(device).type == "cuda"
         self.steps = source.steps
-        self.reference, self.reference_every = reference, reference_every
         self.kinds: list[str] = []
         self._marks: list[tuple[object, object]] = []
-        self._reference_marks: list[tuple[object, object]] = []
         self.held_bytes = 0
 
     @property
@@ -63,7 +53,7 @@ class StepClock(FeatureSource):
 
     def reset(self) -> None:
         self.source.reset()
-        self.kinds, self._marks, self._reference_marks, self.held_bytes = [], [], [], 0
+        self.kinds, self._marks, self.held_bytes = [], [], 0
 
     def _mark(self):
         if self.cuda:
@@ -82,24 +72,13 @@ class StepClock(FeatureSource):
     def on_step(self, ctx, features, new_tokens, revealed) -> None:     # the loop's Observer
         self._marks[-1] = (self._marks[-1][0], self._mark())
         self.held_bytes = max(self.held_bytes, held_bytes(self.source))
-        if self.reference is not None and (ctx.step - 1) % self.reference_every == 0:
-            start = self._mark()
-            self.reference(ctx)
-            self._reference_marks.append((start, self._mark()))
 
     def step_ms(self) -> list[float]:
         """Milliseconds of each step of the last generation."""
-        return self._elapsed(self._marks)
-
-    def reference_ms(self) -> list[float]:
-        """Milliseconds of each reference forward of the last generation (none without one)."""
-        return self._elapsed(self._reference_marks)
-
-    def _elapsed(self, marks: list[tuple[object, object]]) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return [start.elapsed_time(end) for start, end in marks]
-        return [1000 * (end - start) for start, end in marks]
+            return [start.elapsed_time(end) for start, end in self._marks]
+        return [1000 * (end - start) for start, end in self._marks]
 
 
 def held_bytes(source: object) -> int:
