@@ -5,6 +5,7 @@ measurement (a rerun that rewrites the rows must rewrite the page)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,6 @@ def test_the_results_page_shows_the_rows_own_table(rows):
     assert path.with_suffix(".md").read_text() == table
 
 
-
 RUNS = ["table2_dimoo8b_cpu_run1.jsonl", "table2_dimoo8b_cpu.jsonl", "table2_dimoo8b_cpu_run3_drift.jsonl",
         "table2_dimoo8b_cpu_run4_caches_drift.jsonl"]
 
@@ -32,8 +32,6 @@ def test_the_run_to_run_table_is_the_raw_rows():
     """Each cache row of Table 2's run-to-run table: its speedup in every run (a drift run's
     `uncorrected_speedup`, the page's own method), their spread and median, and the median over
     the paper's, recomputed from the raw rows."""
-    import statistics
-
     runs = [{f"{r['method']} {r['label']}": r for r in map(json.loads, (DOCS / "real_sizes" / f).read_text().splitlines())}
             for f in RUNS]
     page = (DOCS / "real_sizes.md").read_text()
