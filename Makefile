@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench speed-table1 speed-compile speed-table2-cpu speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
+.PHONY: setup data test test-all demo bench speed-table1 speed-compile speed-table2-cpu speed-table2-check-cpu speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -86,8 +86,16 @@ speed-compile: setup
 speed-table2-cpu: setup
 	$(PY) -m migm speed --study configs/dimoo.yaml --precision bf16-mixed --batch 1 \
 	  --depths "[0, 1]" --check_depth 2 --rounds 1 --warmup 0 \
-	  --whole "[vanilla N13, taylorseer N64/I8/O2/layers]" --points "$(TABLE2_POINTS)" \
+	  --whole "$(TABLE2_WHOLE)" --points "$(TABLE2_POINTS)" \
 	  --out docs/real_sizes/table2_dimoo8b_cpu.jsonl
+# Table 2's composition check alone: the two points run whole at 2 layers, three interleaved
+# rounds, each round's whole run beside its own composing runs (about 65 minutes).
+speed-table2-check-cpu: setup
+	$(PY) -m migm speed --study configs/dimoo.yaml --precision bf16-mixed --batch 1 \
+	  --depths "[0, 1]" --check_depth 2 --rounds 3 --warmup 0 \
+	  --whole "$(TABLE2_WHOLE)" --points "$(TABLE2_WHOLE)" \
+	  --out docs/real_sizes/table2_dimoo8b_cpu_check.jsonl
+TABLE2_WHOLE = [vanilla N13, taylorseer N64/I8/O2/layers]
 TABLE2_POINTS = [vanilla N13, vanilla N14, vanilla N16, vanilla N32, shortcut N64/B9, \
   shortcut N64/B11, shortcut N64/B14, ml_cache N64/w0.1/r5/c0.9, ml_cache N64/w0/r5/c0.9, \
   recap u0/T8/N48, recap u0/T8/N32, dllm_cache N64/Kp10/Kr5 rho0, dllm_cache N64/Kp10/Kr5 rho0.25, \

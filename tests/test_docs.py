@@ -193,7 +193,12 @@ def test_a_moved_flag_is_unknown(args, at_repo, capsys):
     assert not flag_exists(args)
 
 
-TRACKER = re.compile(r"\b(?:issues?|stops?|rounds?)\s+\d+|\bthis round\b|\bthe issue's\b|\bissue \d+'s\b", re.I)
+TRACKER = re.compile(r"(?<![-\w])(?:issues?|stops?|rounds?)\s+\d+|\bthis round\b|\bthe issue's\b|\bissue \d+'s\b", re.I)
+
+
+def test_tracker_words_are_told_from_command_flags():
+    assert TRACKER.search("as planned in round 3") and TRACKER.search("see issue 24")
+    assert not TRACKER.search("migm speed --rounds 1 --warmup 0")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])

@@ -114,6 +114,7 @@ def test_one_layer_composition_checked_at_a_smaller_depth_is_exact_where_layers_
     assert n8["latency_ms_per_image"] == pytest.approx(8 * (4 * LAYER_MS + EMBED_MS) + DECODE_MS)
     assert n8["measured_latency_ms_per_image"] == pytest.approx(8 * (2 * LAYER_MS + EMBED_MS) + DECODE_MS)
     assert n8["composed_over_measured"] == pytest.approx(1.0)
+    assert n8["composed_over_measured_rounds"] == pytest.approx([1.0, 1.0])     # one per round
     assert n8["fixed_step_ms"] == pytest.approx(EMBED_MS) and n8["base_call_ms"] == pytest.approx(4 * LAYER_MS)
     assert "measured_peak_memory_mib" in n8 and "composed_peak_at_measured_depth_mib" in n8
     # vanilla keeps nothing between steps: its estimate is the weights and one step's own
