@@ -264,6 +264,7 @@ def test_ml_cache_source_picks_with_select_rows():
     conf = tied_scores(3, 120, seed=9).float()
     source = MLCacheSource.__new__(MLCacheSource)
     source.conf, source.config = conf, MLCacheConfig(cache_ratio=0.9)
+    source.repeat, source.counts = None, []
 
     class Stream:
         key_mask = None
@@ -271,6 +272,32 @@ def test_ml_cache_source_picks_with_select_rows():
     for b in range(3):
         mask = ref_to_compute(conf[b:b + 1].to(torch.bfloat16), 0.9)[0]
         assert set(mask.nonzero()[:, 0].tolist()) <= set(rows[b].tolist())
+
+
+def test_ml_cache_repeats_another_runs_counts_on_the_same_ranking():
+    """`count` cuts the same ranking at another run's R (speed composition: a base with no layer
+    ties at every masked row, so left alone it would recompute most of them); `repeat_work`
+    makes the source's partial steps take those counts, and `work` reports them."""
+    conf = tied_scores(2, 120, seed=3).float()
+    natural = select_rows(conf, 0.9)
+    R = natural.shape[1]
+    assert torch.equal(select_rows(conf, 0.9, count=R), natural)
+    more = select_rows(conf, 0.9, count=R + 9)
+    assert torch.equal(more[:, :R], natural) and more.shape == (2, R + 9)
+    for b in range(2):                          # the extra rows: the next lowest confidences
+        rest = conf[b].masked_fill(torch.zeros(120, dtype=torch.bool).index_fill(0, natural[b], True),
+                                   float("inf"))
+        assert rest[more[b, R:]].max() <= rest.sort().values[8]
+    assert torch.equal(select_rows(conf, 0.9, count=3), natural[:, :3])
+
+    source = MLCacheSource.__new__(MLCacheSource)
+    source.conf, source.config, source.repeat = conf, MLCacheConfig(cache_ratio=0.9), None
+    source.reset(), source.repeat_work([5, R + 2])
+    source.conf = conf
+
+    class Stream:
+        key_mask = None
+    assert [source._pick(Stream()).shape[1] for _ in range(2)] == [5, R + 2] == source.work()
 
 
 def test_ml_cache_distinct_scores_give_the_quantile_count():

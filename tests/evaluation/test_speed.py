@@ -250,6 +250,32 @@ def test_one_layer_on_the_shipped_dimoo_study_names_each_cached_step(tmp_path):
     assert dllm["held_mib"] > 0 and dllm["estimated_peak_memory_mib"] > dllm["weights_mib"]
 
 
+def test_ml_caches_shallower_depth_repeats_the_rows_the_deeper_one_recomputed():
+    """With no layer every masked row has the same features, so ML-Cache's ties would make its
+    partial steps recompute most rows at depth 0 and far fewer at depth 1, and depth 1 minus
+    depth 0 would not be one layer's work. The study runs depth 1 first and depth 0 repeats its
+    counts; the whole run at the check depth keeps its own."""
+    from migm.commands import _base_config, study_sections
+    sections = study_sections([str(REPO_ROOT / "configs" / "dimoo.yaml")])
+    config = _base_config("dimoo", {**(sections["model"].get("base_config") or {}), **DIMOO_64})
+    models = build_models("dimoo", config, (0, 1), whole=True, check_depth=2)
+    grid = GridConfig(methods=[Vanilla(steps=[16]), MLCache(steps=[16], warmup_ratio=[0.0],
+                                                            refresh_interval=[5], cache_ratio=[0.9])],
+                      reference_steps=16)
+    study = SpeedStudy(models, None, grid, 1, whole=["ml_cache N16/w0/r5/c0.9"], rounds=2, warmup=0)
+    point = study.points[1]
+    assert study.runs(point) == [1, 0, 2]
+    left_alone = study.generate(point, 0)[0].work            # nothing recorded yet: its own ties
+    measured = study.measure()
+    records = measured["records"]
+    for r in range(2):
+        one, none = records[(point, 1)][r].work, records[(point, 0)][r].work
+        assert one == none and len(one) == 12                # 16 steps, 4 of them full
+    assert left_alone != records[(point, 1)][0].work         # the repeat is what made them equal
+    row = study.rows(measured)[1]
+    assert row["rows_per_partial_step"] == pytest.approx(sum(records[(point, 1)][0].work) / 12)
+
+
 def test_speed_refuses_the_embedded_default(tmp_path):
     with pytest.raises(ValueError, match="speed: .*tiny.yaml has base_kind 'tiny'"):
         main(["speed", "--study", str(REPO_ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "x")])

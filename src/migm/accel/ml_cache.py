@@ -44,13 +44,15 @@ from migm.models.layers import cached_forward, flop_share, gather_rows, put_rows
 from migm.sampling.loop import FeatureSource, StepContext, StepOutput
 
 
-def select_rows(conf: torch.Tensor, cache_ratio: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+def select_rows(conf: torch.Tensor, cache_ratio: float, valid: torch.Tensor | None = None,
+                count: int | None = None) -> torch.Tensor:
     """The reference's `conf <= torch.quantile(conf, 1 - c)` per row, ties included, as indices.
 
     Args:
         conf: (B, T) each row's largest image-code logit at the previous step.
         cache_ratio: c, the share kept from the cache.
         valid: (B, T) bool, False at padding (None: all real); the quantile is over real rows.
+        count: R fixed instead (the same ranking cut there): another run's count repeated.
     Returns:
         (B, R) row indices, R the largest selection of any row: each row's own selection first
         (lowest confidence first within it), then, where its selection is smaller, its next
@@ -61,7 +63,7 @@ def select_rows(conf: torch.Tensor, cache_ratio: float, valid: torch.Tensor | No
     chosen = conf <= threshold                                                      # NaN: False
     if valid is not None:
         chosen &= valid
-    R = int(chosen.sum(1).max())
+    R = int(chosen.sum(1).max()) if count is None else count
     # sort key: chosen rows, then the others by confidence (padding, conf inf, last)
     key = conf.float().masked_fill(chosen, float("-inf"))
     if valid is not None:
@@ -111,12 +113,22 @@ class MLCacheSource(FeatureSource):
         config.check_steps(steps)
         self.model, self.config, self.steps = model, config, steps
         self.refresh = frozenset(config.refresh_steps(steps))
+        self.repeat: list[int] | None = None        # R of each partial step, from another run
         self.reset()
 
     def reset(self) -> None:
         self.cache: list[dict[str, torch.Tensor]] = []   # per layer: k, v of every row
         self.rows_out: torch.Tensor | None = None   # (B, T, D) final features of every row
         self.conf: torch.Tensor | None = None       # (B, T) largest code logit of every row
+        self.counts: list[int] = []                 # R of each partial step so far
+
+    def work(self) -> list[int]:
+        """R, the rows each partial step recomputed: ties at the threshold decide it, so it
+        depends on the features (a base with no layer ties at every masked row)."""
+        return list(self.counts)
+
+    def repeat_work(self, work: list) -> None:
+        self.repeat = list(work)
 
     def step(self, ctx: StepContext) -> StepOutput:
         m = self.model
@@ -149,8 +161,12 @@ class MLCacheSource(FeatureSource):
         return conf
 
     def _pick(self, s) -> torch.Tensor:
-        """The rows to recompute (select_rows over the previous step's confidences)."""
-        return select_rows(self.conf, self.config.cache_ratio, s.key_mask)
+        """The rows to recompute (select_rows over the previous step's confidences; as many as
+        the repeated run's step recomputed, where one is repeated)."""
+        count = self.repeat[len(self.counts)] if self.repeat is not None else None
+        rows = select_rows(self.conf, self.config.cache_ratio, s.key_mask, count)
+        self.counts.append(rows.shape[1])
+        return rows
 
 
 @dataclass

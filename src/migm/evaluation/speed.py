@@ -16,7 +16,11 @@ measurements: its true slope is zero, and extrapolating a difference of two nois
 would multiply their noise by (D - d1) / (d2 - d1). And a plain full step (vanilla's, the
 shortcut's base steps) is the same layers on the same sequence in every method, so in each round
 all of them share one difference t_d2 - t_d1, their mean: a point with few base steps does not
-inherit the noise of its own few readings, multiplied as above (`SpeedStudy.pooled`).
+inherit the noise of its own few readings, multiplied as above (`SpeedStudy.pooled`). The
+composition also needs a step to do the same work at both depths: where a method's work depends
+on the values it computes (ML-Cache recomputes the rows that tie at its threshold, and a base
+with no layer ties at every masked row), the shallower depth repeats the deeper one's work
+(`FeatureSource.work`).
 
 A row is `composed_from: depths d1,d2`; depths 0 and 1 (the base with no layer, then with one
 real layer, at the real sequence) are `composed_from: one_layer`, what a base too big to run
@@ -75,6 +79,7 @@ class Run:
     decode_ms: float
     counts: dict = field(default_factory=dict)
     held_bytes: int = 0
+    work: list | None = None       # what its data-dependent steps did (FeatureSource.work)
 
 
 @dataclass
@@ -179,6 +184,7 @@ class SpeedStudy:
         self.twins = ({d: compile_twins(m, shortcut, backend=compile_backend)
                        for d, m in models.models.items()}
                       if compile else {})
+        self._work: dict[tuple, list] = {}       # (point, compiled) -> the deeper depth's last work
         self.device = next(any_model.parameters()).device
         self.cond = torch.arange(batch, device=self.device) % any_model.num_classes
         self.transient_mib = self._transient_mib(any_model)
@@ -202,21 +208,31 @@ class SpeedStudy:
         return max(layer, head) / 2**20
 
     def runs(self, point: GridPoint) -> list[int]:
-        """The depths `point` runs at: the two composing ones, and the check depth if it is run
-        whole."""
+        """The depths `point` runs at, in the order they run: the deeper composing one first (the
+        shallower repeats its work), then the shallower, and the check depth if it is run whole."""
         d1, d2 = self.models.depths
         whole = f"{point.name} {point.label}" in self.whole
-        return [d1, d2] + ([self.models.check_depth] if whole else [])
+        return [d2, d1] + ([self.models.check_depth] if whole else [])
 
     def generate(self, point: GridPoint, depth: int, compiled: bool = False) -> tuple[Run, torch.Tensor]:
+        """One timed generation of `point` at `depth`. Where the method's work depends on the
+        values (ML-Cache: how many rows tie at its threshold; with no layer every masked row
+        ties), the shallower composing depth repeats what the deeper one's last run did, so the
+        two differ by their layers alone; the whole run at the check depth does its own."""
         model = self.models.models[depth]
         twins = self.twins[depth] if compiled else None
+        d1, d2 = self.models.depths
         with using_twins(model, twins) if twins else nullcontext():
             clock = StepClock(point.source(model, twins.shortcut if twins else self.shortcut), self.device)
+            if depth == d1 and (point, compiled) in self._work:
+                clock.repeat_work(self._work[(point, compiled)])
             result = generate(model, clock, self.cond, point.steps, sampler=self.grid.sampler,
                               schedule=point.method.schedule or self.grid.schedule, seed=self.seed,
                               observers=[clock], autocast=self.autocast)
-        return Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes), result.tokens
+        if depth == d2 and (work := clock.work()) is not None:
+            self._work[(point, compiled)] = work
+        return (Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes, clock.work()),
+                result.tokens)
 
     @torch.no_grad()
     def measure(self, progress: Callable | None = None) -> dict:
@@ -271,6 +287,8 @@ class SpeedStudy:
                     "speedup": statistics.median(ratios), "speedup_min": min(ratios),
                     "speedup_max": max(ratios), "reference_steps": self.grid.reference_steps,
                     **records[(point, d2)][0].counts, **self.memory(point, records, rounds, scale)}
+            if (work := records[(point, d2)][0].work) is not None:     # ML-Cache: R per partial step
+                row["rows_per_partial_step"] = statistics.mean(work) if work else 0.0
             row["ideal_speedup"] = ideal_speedup(self.reference.steps, ref_base, point.steps,
                                                  row["base_flops_fraction"], row["shortcut_calls"],
                                                  row.get("shortcut_call_ms") or 0.0)

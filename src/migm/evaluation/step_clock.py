@@ -55,6 +55,12 @@ class StepClock(FeatureSource):
         self.source.reset()
         self.kinds, self._marks, self.held_bytes = [], [], 0
 
+    def work(self) -> list | None:
+        return self.source.work()
+
+    def repeat_work(self, work: list) -> None:
+        self.source.repeat_work(work)
+
     def _mark(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)

@@ -91,6 +91,15 @@ class FeatureSource:
     def skipped_temperature(self, step: int) -> float:
         return self.step_temperatures.get(step, self.temperature)
 
+    def work(self) -> list | None:
+        """What this run's steps did, where that depends on the values computed (None: nothing
+        does). ML-Cache's partial steps recompute as many rows as tie at its threshold."""
+        return None
+
+    def repeat_work(self, work: list) -> None:
+        """Do `work` (another run's `work()`) at the same steps, whatever this run's values say:
+        composing a step's cost from two depths of the base needs both to do the same work."""
+
 
 class Observer(Protocol):
     def on_step(self, ctx: StepContext, features: torch.Tensor, new_tokens: torch.Tensor,
