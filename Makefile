@@ -89,7 +89,7 @@ speed-table2-cpu: setup
 	  --whole "$(TABLE2_WHOLE)" --points "$(TABLE2_POINTS)" \
 	  --out docs/real_sizes/table2_dimoo8b_cpu.jsonl
 # Table 2's composition check alone: the two points run whole at 2 layers, three interleaved
-# rounds, each round's whole run beside its own composing runs (about 65 minutes).
+# rounds, each round's whole run beside its own composing runs (about 60 minutes).
 speed-table2-check-cpu: setup
 	$(PY) -m migm speed --study configs/dimoo.yaml --precision bf16-mixed --batch 1 \
 	  --depths "[0, 1]" --check_depth 2 --rounds 3 --warmup 0 \

@@ -229,10 +229,10 @@ class SpeedStudy:
             result = generate(model, clock, self.cond, point.steps, sampler=self.grid.sampler,
                               schedule=point.method.schedule or self.grid.schedule, seed=self.seed,
                               observers=[clock], autocast=self.autocast)
-        if depth == d2 and (work := clock.work()) is not None:
+        work = clock.work()
+        if depth == d2 and work is not None:
             self._work[(point, compiled)] = work
-        return (Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes, clock.work()),
-                result.tokens)
+        return Run(clock.step_ms(), clock.kinds, 0.0, result.counts, clock.held_bytes, work), result.tokens
 
     @torch.no_grad()
     def measure(self, progress: Callable | None = None) -> dict:
