@@ -124,6 +124,37 @@ def test_one_layer_composition_checked_at_a_smaller_depth_is_exact_where_layers_
         build_models("maskgit", config, (0, 1), whole=True, check_depth=1)
 
 
+def test_each_rounds_ratio_is_its_own_whole_run_against_its_own_composition(clock):
+    """The machine slows from round to round, but only while the whole run at the check depth
+    runs (DRIFT ms more an embedding per earlier call of it): each round's composed/measured is
+    that round's, in round order, and the median sits between them."""
+    drift = 5.0
+    config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in MASKGIT_64.items()})
+    models = build_models("maskgit", config, (0, 1), whole=True, check_depth=2)
+    for model in models.models.values():
+        for block in model.transformer.blocks:
+            block.register_forward_hook(clock.spend(LAYER_MS))
+        model.transformer.tok_emb.register_forward_hook(clock.spend(EMBED_MS))
+        model.vqgan.register_forward_hook(clock.spend(DECODE_MS))
+    calls = {"n": 0}
+
+    def slower(*_):                     # the g-th generation at depth 2 (0: warm-up) pays g DRIFT a step
+        clock.now += drift * (calls["n"] // 8) / 1000
+        calls["n"] += 1
+
+    models.models[2].transformer.tok_emb.register_forward_hook(slower)
+    grid = GridConfig(methods=[Vanilla(steps=[8, 15])], reference_steps=15)
+    study = SpeedStudy(models, None, grid, 1, whole=["vanilla N8"], rounds=3)
+    n8 = {r["label"]: r for r in study.rows(study.measure())}["N8"]
+    composed = 8 * (2 * LAYER_MS + EMBED_MS) + DECODE_MS
+    wholes = [composed + 8 * drift * g for g in (1, 2, 3)]
+    assert calls["n"] == 4 * 8                                 # one warm-up and three timed runs
+    assert n8["composed_over_measured_rounds"] == pytest.approx([composed / w for w in wholes])
+    assert n8["composed_over_measured"] == pytest.approx(composed / wholes[1])
+    assert n8["measured_latency_ms_per_image"] == pytest.approx(wholes[1])
+    assert not n8["within_5pct"]                               # the median round: 234 ms against 314
+
+
 def test_plain_full_steps_share_one_layer_cost_and_a_caches_keep_their_own(clock):
     """While the shortcut point runs at depth 2 its layers cost EXTRA more (as if the machine
     slowed then): its own full steps read LAYER_MS + 2 EXTRA a layer, vanilla's LAYER_MS, and
