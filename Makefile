@@ -31,8 +31,10 @@ data:
 	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
 	else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
 
+# two workers (pytest-xdist), one torch thread each (tests/conftest.py): most tests are
+# single-threaded Python or subprocesses, so two at once finish the suite about a third sooner
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

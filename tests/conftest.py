@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,9 +12,14 @@ from migm.models.tokenizer import TokenizerConfig, VQTokenizer
 from migm.models.transformer import MaskedTransformer, TransformerConfig
 
 
+# `make test` runs two pytest workers (pytest-xdist) on this project's 2-core machines: one
+# thread each keeps them from fighting over the cores; a lone pytest uses both.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture
