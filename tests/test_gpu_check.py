@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from migm.cli import REPO_ROOT, main
-from migm.gpu_check import device_tag, plan
+from migm.gpu_check import Step, device_tag, main as gpu_check, plan, run, select, write_summary
 
 
 def test_without_cuda_it_stops_at_once_with_one_line(tmp_path):
@@ -28,6 +28,8 @@ def test_the_plan_runs_the_shipped_configs_on_the_device(tmp_path, capsys):
     assert [s.name.split(" (")[0] for s in steps] == ["device tests", "collect", "fit", "test", "speed maskgit",
                                                       "speed dimoo"]
     assert steps[0].argv[-1] == str(REPO_ROOT / "tests" / "test_device.py")
+    assert (steps[2].needs, steps[3].needs) == (steps[1].name, steps[2].name)   # shards, checkpoint
+    assert not any(s.needs for s in (steps[0], steps[1], *steps[4:]))
     for step in steps[1:4]:                 # collect, fit, test: the configs as they will be read
         argv = step.argv[3:]
         assert "--trainer.accelerator" not in argv          # the configs' own: gpu
@@ -43,9 +45,45 @@ def test_the_plan_runs_the_shipped_configs_on_the_device(tmp_path, capsys):
     assert maskgit[-1] == str(tmp_path / "maskgit_nvidia_h200.jsonl")
 
 
+def test_a_failed_step_skips_only_what_needs_it_and_the_summary_follows_each_step(tmp_path):
+    """Real processes: collect fails (exit 3), so fit (which reads its shards) and test (fit's
+    checkpoint) are skipped; the device tests before and the speed step after still run. The
+    summary on disk is rewritten after each step, so a run killed at its limit says what it did."""
+    py = sys.executable
+    ok, fail = [py, "-c", "pass"], [py, "-c", "raise SystemExit(3)"]
+    steps = [Step("device tests", ok), Step("collect (x)", fail), Step("fit (x)", ok, needs="collect (x)"),
+             Step("test (x)", ok, needs="fit (x)"), Step("speed maskgit", ok)]
+    path, seen = tmp_path / "check.json", []
+
+    def after():
+        write_summary(path, "cpu", True, steps)
+        seen.append([s["returncode"] for s in json.loads(path.read_text())["steps"]])
+
+    assert run(steps, log=lambda line: None, after=after) is False
+    assert [s.returncode for s in steps] == [0, 3, None, None, 0]
+    assert steps[2].skipped == "needs collect (x), which did not pass"
+    assert steps[3].skipped == "needs fit (x), which did not pass"
+    assert seen == [[0, None, None, None, None], [0, 3, None, None, None], [0, 3, None, None, None],
+                    [0, 3, None, None, None], [0, 3, None, None, 0]]
+    assert run([Step("a", ok), Step("b", ok, needs="a")], log=lambda line: None) is True
+
+
+def test_steps_are_picked_by_name_or_first_word_and_an_unknown_one_is_named(tmp_path, capsys):
+    steps = plan("cuda", small=False, out=tmp_path, tag="h200", root=REPO_ROOT)
+    assert [s.name for s in select(steps, ["speed"])] == ["speed maskgit (full size, random weights)",
+                                                          "speed dimoo (full size, random weights)"]
+    assert [s.name for s in select(steps, ["device tests", "fit"])] == [
+        "device tests", "fit (embedded default, bf16-mixed)"]
+    assert select(steps, None) == steps
+    assert gpu_check(["--device", "cpu", "--steps", "sped", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpu-check --steps: no step 'sped'; the steps: device tests, collect")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_the_dry_run_passes_on_the_cpu(tmp_path):
-    """Every step at test sizes on the CPU (about 4 minutes here)."""
+    """Every step at test sizes on the CPU (about 2 minutes here)."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     done = subprocess.run([sys.executable, "-m", "migm.gpu_check", "--small", "--device", "cpu",
                            "--root", str(REPO_ROOT), "--out", str(tmp_path / "out")],
@@ -53,6 +91,7 @@ def test_the_dry_run_passes_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "check_small_cpu.json").read_text())
     assert summary["ok"] and [s["returncode"] for s in summary["steps"]] == [0] * 6
+    assert not any(s["skipped"] for s in summary["steps"])
     for kind in ("maskgit", "dimoo"):
         rows = [json.loads(line) for line in (tmp_path / "out" / f"{kind}_small_cpu.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and rows[1]["composed_over_measured"] > 0

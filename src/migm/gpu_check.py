@@ -10,9 +10,11 @@ command, ready before a GPU arrives. About 8 minutes on one H200.
    headline points also run whole at 32 layers).
 
 Rows go to docs/gpu/<base>_<device>.jsonl with the device's name in every row, and a summary of
-the steps (seconds, exit status) to docs/gpu/check_<device>.json. Without a CUDA device it stops
-at once with one line. `--small` is the CPU-sized dry run the tests run: the same steps and
-commands at test sizes, on the CPU.
+the steps (seconds, exit status) to docs/gpu/check_<device>.json, rewritten after every step.
+GPU time is scarce, so a failed step does not stop the others: only a step that needs its output
+(fit needs collect's shards, test fit's checkpoint) is skipped. `--steps speed` (names or their
+first words) reruns just those. Without a CUDA device it stops at once with one line. `--small`
+is the CPU-sized dry run the tests run: the same steps and commands at test sizes, on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +53,10 @@ class Step:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    needs: str | None = None            # the step whose output this one reads, if it runs too
     seconds: float | None = None
-    returncode: int | None = None
+    returncode: int | None = None       # None: not run (skipped, or not reached)
+    skipped: str | None = None          # why it did not run
 
 
 def device_tag(name: str) -> str:
@@ -77,9 +82,10 @@ def plan(device: str, small: bool, out: Path, tag: str, root: Path = Path(".")) 
                                             "--config", str(experiments / "collect.yaml"),
                                             *on_cpu[:2], *collect_sizes]),
         Step(f"fit (embedded default, {'bf16-mixed' if device == 'cuda' else '32-true'})",
-             [*migm, "fit", *tiny, *fit_sizes]),
+             [*migm, "fit", *tiny, *fit_sizes], needs="collect (embedded default)"),
         Step("test (embedded default)", [*migm, "test", *tiny, *fit_sizes,
-                                         "--ckpt_path", "runs/gpu_check/checkpoints/last.ckpt"]),
+                                         "--ckpt_path", "runs/gpu_check/checkpoints/last.ckpt"],
+             needs=f"fit (embedded default, {'bf16-mixed' if device == 'cuda' else '32-true'})"),
     ]
     for kind, study, whole, rounds in (("maskgit", configs / "maskgit.yaml", "all", 3),
                                        ("dimoo", configs / "dimoo.yaml", json.dumps(DIMOO_WHOLE), 2)):
@@ -98,18 +104,42 @@ def plan(device: str, small: bool, out: Path, tag: str, root: Path = Path(".")) 
     return steps
 
 
-def run(steps: list[Step], log=print) -> bool:
-    """Each step in turn, its output passed through; stops at the first that fails."""
+def select(steps: list[Step], names: list[str] | None) -> list[Step]:
+    """The steps `names` picks, each a step's name or its first words ("speed", "fit"), in plan
+    order; None: all. An unknown name is refused, listing the steps."""
+    if not names:
+        return steps
+    picked = [s for s in steps if any(s.name == n or s.name.startswith(n + " ") for n in names)]
+    unknown = [n for n in names if not any(s.name == n or s.name.startswith(n + " ") for s in steps)]
+    if unknown:
+        raise ValueError(f"gpu-check --steps: no step {unknown[0]!r}; the steps: "
+                         f"{', '.join(s.name for s in steps)}")
+    return picked
+
+
+def run(steps: list[Step], log=print, after: Callable[[], None] = lambda: None) -> bool:
+    """Each step in turn, its output passed through. A failure does not stop the others; a step
+    whose `needs` ran here and did not pass is skipped. `after` runs after every step (the
+    summary is rewritten there, so a run killed at its time limit still says what it did)."""
+    failed: set[str] = set()
     for i, step in enumerate(steps, 1):
-        log(f"[gpu-check {i}/{len(steps)}] {step.name}: {' '.join(step.argv[1:])}")
+        head = f"[gpu-check {i}/{len(steps)}] {step.name}"
+        if step.needs in failed:
+            step.skipped = f"needs {step.needs}, which did not pass"
+            failed.add(step.name)
+            log(f"{head}: skipped ({step.skipped})")
+            after()
+            continue
+        log(f"{head}: {' '.join(step.argv[1:])}")
         start = time.perf_counter()
         done = subprocess.run(step.argv, env={**os.environ, **step.env})
         step.seconds, step.returncode = round(time.perf_counter() - start, 1), done.returncode
-        log(f"[gpu-check {i}/{len(steps)}] {step.name}: "
-            f"{'ok' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} in {step.seconds} s")
         if done.returncode != 0:
-            return False
-    return True
+            failed.add(step.name)
+        log(f"{head}: {'ok' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} "
+            f"in {step.seconds} s")
+        after()
+    return not failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--out", type=Path, default=Path("docs/gpu"))
     parser.add_argument("--root", type=Path, default=Path("."), help="the checkout (configs/, tests/)")
+    parser.add_argument("--steps", nargs="+", metavar="NAME",
+                        help="run only these steps (a name or its first words: 'speed', 'fit')")
     args = parser.parse_args(argv)
 
     import torch
@@ -128,17 +160,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     tag = device_tag(name)
-    steps = plan(args.device, args.small, args.out, tag, args.root)
-    ok = run(steps)
-    summary = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "small": args.small,
-               "ok": ok, "steps": [{"name": s.name, "command": " ".join(s.argv[1:]), "seconds": s.seconds,
-                                    "returncode": s.returncode} for s in steps]}
-    from migm.files import atomic_write_bytes
+    try:
+        steps = select(plan(args.device, args.small, args.out, tag, args.root), args.steps)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     path = args.out / f"check_{'small_' if args.small else ''}{tag}.json"
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    ok = run(steps, after=lambda: write_summary(path, name, args.small, steps))
+    write_summary(path, name, args.small, steps, ok)
     total = sum(s.seconds or 0 for s in steps)
-    print(f"gpu-check: {'passed' if ok else 'FAILED'} on {name} in {total:.0f} s; wrote {path}")
+    bad = [s.name for s in steps if s.returncode != 0]
+    print(f"gpu-check: {'passed' if ok else 'FAILED (' + '; '.join(bad) + ')'} on {name} in "
+          f"{total:.0f} s; wrote {path}")
     return 0 if ok else 1
+
+
+def write_summary(path: Path, device: str, small: bool, steps: list[Step], ok: bool | None = None) -> None:
+    """The steps so far (seconds, exit status, why skipped), atomically; `ok` None: still running."""
+    import torch
+
+    from migm.files import atomic_write_bytes
+    summary = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "small": small,
+               "ok": ok, "steps": [{"name": s.name, "command": " ".join(s.argv[1:]), "seconds": s.seconds,
+                                    "returncode": s.returncode, "skipped": s.skipped} for s in steps]}
+    atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
 if __name__ == "__main__":
