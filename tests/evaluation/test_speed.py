@@ -254,7 +254,7 @@ def test_speed_runs_every_point_of_the_shipped_study(tmp_path, study, base_confi
         assert r["depth"] == base_config.get("depth", base_config.get("n_layers"))
         assert sum(r["step_counts"].values()) == r["steps"]
         assert r["reference_steps"] == grid.reference_steps
-        assert r["ours_over_paper"] == pytest.approx(r["speedup"] / r["paper_speedup"])
+        assert "paper_speedup" not in r and "ours_over_paper" not in r   # 64 tokens: not the paper's base
     assert out.with_suffix(".md").read_text().count("\n") == len(rows) + 2
     assert out.with_suffix(".png").stat().st_size > 1000
     (whole,) = [r for r in rows if "measured_latency_ms_per_image" in r]
@@ -312,6 +312,24 @@ def test_speed_refuses_the_embedded_default(tmp_path):
         main(["speed", "--study", str(REPO_ROOT / "configs" / "tiny.yaml"), "--out", str(tmp_path / "x")])
 
 
+def test_the_papers_number_stands_beside_a_base_of_the_papers_size_only():
+    """A MaskGIT of 32x32 = 1,024 tokens (Table 1's; narrow and shallow, so it runs here) gets
+    the paper's speedup and ours over it; the same base at 16x16 (MaskGIT-256's grid) gets none."""
+    rows = {}
+    for grid_size in (32, 16):
+        fields = {**MASKGIT_64, "grid_size": grid_size, "resolution": 2 * grid_size,
+                  "attn_resolutions": [grid_size], "depth": 3}
+        config = MaskGITConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        models = build_models("maskgit", config, (1, 2), whole=False)
+        grid = GridConfig(methods=[Vanilla(steps=[8, 15])], reference_steps=15)
+        study = SpeedStudy(models, None, grid, 1, rounds=1, warmup=0)
+        rows[grid_size] = {r["label"]: r for r in study.rows(study.measure())}
+    n8 = rows[32]["N8"]
+    assert n8["paper_speedup"] == 1.92 and n8["paper_table"] == "Table 1"
+    assert n8["ours_over_paper"] == pytest.approx(n8["speedup"] / 1.92)
+    assert not any(k.startswith("paper") or k == "ours_over_paper" for k in rows[16]["N8"])
+
+
 def test_every_point_of_the_shipped_tables_stands_beside_the_papers_number():
     """Table 1's and 2's speed columns as the paper prints them, for every point of the configs."""
     from migm.commands import study_sections
@@ -322,6 +340,9 @@ def test_every_point_of_the_shipped_tables_stands_beside_the_papers_number():
                 ("dimoo", "ml_cache", "N64/w0/r5/c0.9"): 2.54}
     for (kind, method, label), speedup in expected.items():
         assert paper_row(kind, method, label)["paper_speedup"] == speedup
+        tokens = {"maskgit": 1024, "dimoo": 4096}[kind]          # the paper's bases: 32x32, 64x64
+        assert paper_row(kind, method, label, tokens)["paper_speedup"] == speedup
+        assert paper_row(kind, method, label, tokens // 4) == {}   # MaskGIT-256, a smaller DiMOO
     for kind in ("maskgit", "dimoo"):
         grid = study_sections([str(REPO_ROOT / "configs" / f"{kind}.yaml")])["evaluation"]
         missing = [p.label for p in grid.points() if not paper_row(kind, p.name, p.label)]

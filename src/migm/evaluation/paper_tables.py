@@ -1,8 +1,9 @@
 """The speed columns of the paper's Tables 1 and 2 (H200), keyed as our grid points are labelled,
 so every row `migm speed` writes stands beside the number it reproduces.
 
-Table 1: MaskGIT-512, ms per image, speedup against 15-step vanilla. Table 2: Lumina-DiMOO,
-s per image, speedup against 64-step vanilla. Transcribed from the paper; dLLM-Cache's rho is
+Table 1: MaskGIT-512 (1,024 tokens), ms per image, speedup against 15-step vanilla. Table 2:
+Lumina-DiMOO (4,096 image tokens), s per image, speedup against 64-step vanilla. A base of
+another size (MaskGIT-256, a test-sized one) stands beside neither: its speedups are its own. Transcribed from the paper; dLLM-Cache's rho is
 not in the paper (ours, swept), so every rho of one (Kp, Kr) stands beside the paper's one row.
 """
 
@@ -26,14 +27,18 @@ TABLE_2 = {
     "taylorseer N64/I4/O2/layers": (8.71, 2.65), "taylorseer N64/I8/O2/layers": (5.99, 3.86),
     "shortcut N64/B14": (5.76, 4.01), "shortcut N64/B11": (4.70, 4.91), "shortcut N64/B9": (3.99, 5.79),
 }
-TABLES = {"maskgit": ("Table 1", TABLE_1, "ms"), "dimoo": ("Table 2", TABLE_2, "s")}
+# kind -> (table, rows, latency unit, the image tokens of the paper's base)
+TABLES = {"maskgit": ("Table 1", TABLE_1, "ms", 1024), "dimoo": ("Table 2", TABLE_2, "s", 4096)}
 
 
-def paper_row(base_kind: str, method: str, label: str) -> dict:
-    """The paper's latency and speedup for this point ({} where the paper has no such row)."""
+def paper_row(base_kind: str, method: str, label: str, num_tokens: int | None = None) -> dict:
+    """The paper's latency and speedup for this point ({} where the paper has no such row, or
+    where `num_tokens`, the base's image tokens, is not the paper's base's)."""
     if base_kind not in TABLES:
         return {}
-    table, rows, unit = TABLES[base_kind]
+    table, rows, unit, tokens = TABLES[base_kind]
+    if num_tokens is not None and num_tokens != tokens:
+        return {}
     key = re.sub(r" rho[0-9.]+$", "", f"{method} {label}")       # dLLM-Cache: rho is ours
     if key not in rows:
         return {}

@@ -187,6 +187,7 @@ class SpeedStudy:
         self._work: dict[tuple, list] = {}       # (point, compiled) -> the deeper depth's last work
         self.device = next(any_model.parameters()).device
         self.cond = torch.arange(batch, device=self.device) % any_model.num_classes
+        self.num_tokens = any_model.num_tokens        # the paper's rows stand beside its size only
         self.transient_mib = self._transient_mib(any_model)
 
     def _transient_mib(self, model) -> float:
@@ -318,7 +319,7 @@ class SpeedStudy:
                 row |= {"compiled_latency_ms_per_image": statistics.median(compiled) / self.batch,
                         "compiled_speedup": statistics.median(a / b for a, b in zip(ref_c, compiled)),
                         "compile_gain": statistics.median(a / b for a, b in zip(totals, compiled))}
-            row |= paper_row(self.models.kind, point.name, point.label)
+            row |= paper_row(self.models.kind, point.name, point.label, self.num_tokens)
             if "paper_speedup" in row:
                 row["ours_over_paper"] = row["speedup"] / row["paper_speedup"]
             row |= {"device": str(self.device), "device_name": device_name(self.device),
