@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup data test test-all demo bench speed-table1 speed-compile speed-table2-cpu speed-table2-check-cpu speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
+.PHONY: setup data test test-all demo bench speed-table1 speed-maskgit256-check speed-compile speed-table2-cpu speed-table2-check-cpu speed-table2 gpu-check collect fit eval-shortcut shortcut base tokenizer base-model classifier base196 regime196 evaluate inception pareto clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -79,6 +79,12 @@ bench: setup
 speed-table1: setup
 	$(PY) -m migm speed --study configs/maskgit.yaml --batch 1 --depths "[1, 4]" --rounds 3 \
 	  --whole "[vanilla N8, shortcut N15/B7]" --out docs/real_sizes/table1_maskgit512_cpu.jsonl
+# The composition checked at every point: MaskGIT-256 (16x16 tokens) run whole at all of Table
+# 1's points beside their composition from depths 1 and 4 (about 11 minutes).
+speed-maskgit256-check: setup
+	$(PY) -m migm speed --study configs/maskgit.yaml --base_config '{"grid_size": 16}' \
+	  --network '{"num_tokens": 256}' --batch 1 --depths "[1, 4]" --whole "[all]" --rounds 3 \
+	  --out docs/real_sizes/maskgit256_cpu_check.jsonl
 # MaskGIT-512 eager and under torch.compile (the base's blocks and the shortcut), same rounds.
 speed-compile: setup
 	$(PY) -m migm speed --study configs/maskgit.yaml --batch 1 --depths "[1, 4]" --rounds 3 \

@@ -15,7 +15,8 @@ from migm.evaluation.speed_report import speed_table
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-@pytest.mark.parametrize("rows", ["table1_maskgit512_cpu.jsonl", "table2_dimoo8b_cpu.jsonl"])
+@pytest.mark.parametrize("rows", ["table1_maskgit512_cpu.jsonl", "maskgit256_cpu_check.jsonl",
+                                  "table2_dimoo8b_cpu.jsonl"])
 def test_the_results_page_shows_the_rows_own_table(rows):
     path = DOCS / "real_sizes" / rows
     table = speed_table([json.loads(line) for line in path.read_text().splitlines()])
