@@ -76,16 +76,15 @@ def plan(device: str, small: bool, out: Path, tag: str, root: Path = Path(".")) 
                   "--data.init_args.test_batch_size", "10", "--evaluation.latency_repeats", "1",
                   "--metrics.reference_samples", "200"]
                  if small else [])
+    fit = f"fit (embedded default, {'bf16-mixed' if device == 'cuda' else '32-true'})"
     steps = [
         Step("device tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests" / "test_device.py")]),
         Step("collect (embedded default)", [*migm, "collect", "--config", str(configs / "collect_tiny.yaml"),
                                             "--config", str(experiments / "collect.yaml"),
                                             *on_cpu[:2], *collect_sizes]),
-        Step(f"fit (embedded default, {'bf16-mixed' if device == 'cuda' else '32-true'})",
-             [*migm, "fit", *tiny, *fit_sizes], needs="collect (embedded default)"),
+        Step(fit, [*migm, "fit", *tiny, *fit_sizes], needs="collect (embedded default)"),
         Step("test (embedded default)", [*migm, "test", *tiny, *fit_sizes,
-                                         "--ckpt_path", "runs/gpu_check/checkpoints/last.ckpt"],
-             needs=f"fit (embedded default, {'bf16-mixed' if device == 'cuda' else '32-true'})"),
+                                         "--ckpt_path", "runs/gpu_check/checkpoints/last.ckpt"], needs=fit),
     ]
     for kind, study, whole, rounds in (("maskgit", configs / "maskgit.yaml", "all", 3),
                                        ("dimoo", configs / "dimoo.yaml", json.dumps(DIMOO_WHOLE), 2)):

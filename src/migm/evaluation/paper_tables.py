@@ -3,8 +3,9 @@ so every row `migm speed` writes stands beside the number it reproduces.
 
 Table 1: MaskGIT-512 (1,024 tokens), ms per image, speedup against 15-step vanilla. Table 2:
 Lumina-DiMOO (4,096 image tokens), s per image, speedup against 64-step vanilla. A base of
-another size (MaskGIT-256, a test-sized one) stands beside neither: its speedups are its own. Transcribed from the paper; dLLM-Cache's rho is
-not in the paper (ours, swept), so every rho of one (Kp, Kr) stands beside the paper's one row.
+another size (MaskGIT-256, a test-sized one) stands beside neither: its speedups are its own.
+Transcribed from the paper; dLLM-Cache's rho is not in the paper (ours, swept), so every rho of
+one (Kp, Kr) stands beside the paper's one row.
 """
 
 from __future__ import annotations
