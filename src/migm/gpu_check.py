@@ -108,12 +108,12 @@ def select(steps: list[Step], names: list[str] | None) -> list[Step]:
     order; None: all. An unknown name is refused, listing the steps."""
     if not names:
         return steps
-    picked = [s for s in steps if any(s.name == n or s.name.startswith(n + " ") for n in names)]
-    unknown = [n for n in names if not any(s.name == n or s.name.startswith(n + " ") for s in steps)]
-    if unknown:
+    picks = {n: [s for s in steps if s.name == n or s.name.startswith(n + " ")] for n in names}
+    if unknown := [n for n, found in picks.items() if not found]:
         raise ValueError(f"gpu-check --steps: no step {unknown[0]!r}; the steps: "
                          f"{', '.join(s.name for s in steps)}")
-    return picked
+    chosen = {id(s) for found in picks.values() for s in found}
+    return [s for s in steps if id(s) in chosen]                     # in plan order
 
 
 def run(steps: list[Step], log=print, after: Callable[[], None] = lambda: None) -> bool:
